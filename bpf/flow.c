@@ -1,0 +1,473 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * mermin flow aggregation program (TC / SCHED_CLS, compiled at run time by BCC).
+ *
+ * One bidirectional entry per flow in the `flows` hash map; per direction it keeps
+ * packets, IP-layer bytes, the OR of TCP flags and first-packet IP metadata. User space
+ * only reads the table (batched) and deletes expired entries; it never writes into a
+ * live entry, so concurrent increments are never lost.
+ *
+ * The program is strictly pass-through: every path returns TC_ACT_UNSPEC (== TCX_NEXT),
+ * which lets the next program in the chain decide. It never drops, redirects or writes
+ * packet data.
+ *
+ * Compile-time parameters (set by the loader with -D):
+ *   MAX_FLOWS        capacity of the flow table
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+
+#ifndef MAX_FLOWS
+#define MAX_FLOWS 16384
+#endif
+
+#define ETH_P_8021Q_BE   0x0081 /* htons(0x8100) */
+#define ETH_P_8021AD_BE  0xA888 /* htons(0x88A8) */
+#define ETH_P_IP_BE      0x0008 /* htons(0x0800) */
+#define ETH_P_IPV6_BE    0xDD86 /* htons(0x86DD) */
+
+#define PROTO_ICMP   1
+#define PROTO_TCP    6
+#define PROTO_UDP    17
+#define PROTO_ICMPV6 58
+#define PROTO_SCTP   132
+#define PROTO_UDPLITE 136
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+/* Headers we may need to read: 14 (eth) + 8 (two VLAN tags) + 40 (IPv6) + 4 x 64
+ * (extension headers, bounded) is beyond any sane linear area, so pull at most this
+ * many bytes into the linear area when a packet arrives non-linear. */
+#define PULL_LEN 128
+#define MAX_VLAN_TAGS 2
+#define MAX_IPV6_EXT 4
+
+#define DIR_NONE 0xff
+
+/* Flow key: 44 bytes, no implicit padding (the hash covers raw bytes). Addresses are
+ * ordered so both directions of a flow share one key; `dir` 0 means the packet goes
+ * lo -> hi, 1 means hi -> lo. IPv4 is stored in the first word, the rest zero. */
+struct flow_key {
+    __u32 lo_addr[4];
+    __u32 hi_addr[4];
+    __u16 lo_port;   /* host order; ICMP: see icmp_key_ports() */
+    __u16 hi_port;
+    __u32 ifindex;   /* interface the packet was seen on: no double counting */
+    __u8  proto;
+    __u8  ip_ver;    /* 4 or 6 */
+    __u16 pad;       /* always 0 */
+};
+
+/* Flow value: 96 bytes, padding explicit. The first 56 bytes are touched by every packet. */
+struct flow_stats {
+    __u64 packets[2];    /* [dir] */
+    __u64 bytes[2];      /* [dir] IP-layer bytes (IP header + payload) */
+    __u64 first_ns;      /* bpf_ktime_get_ns() of the first packet */
+    __u64 last_ns;       /* bpf_ktime_get_ns() of the latest packet */
+    __u8  tcp_flags[2];  /* [dir] OR of all TCP flags seen */
+    __u8  first_dir;     /* direction of the first packet */
+    __u8  first_hook;    /* 0 ingress, 1 egress (hook of the first packet) */
+    __u8  syn_dir;       /* direction of the first pure SYN, DIR_NONE if none */
+    __u8  synack_dir;    /* direction of the first SYN+ACK, DIR_NONE if none */
+    __u8  meta_seen;     /* bit per direction: first-packet metadata captured */
+    __u8  flags;         /* FLOW_F_* */
+    /* first packet of each direction */
+    __u8  ttl[2];
+    __u8  tos[2];        /* DSCP << 2 | ECN */
+    __u8  icmp_type[2];
+    __u8  icmp_code[2];
+    __u32 flow_label[2]; /* IPv6 only */
+    __u16 vlan_id;       /* outer VLAN id of the first packet, 0 if untagged */
+    __u16 pad0;
+    __u32 pad1;
+    __u64 syn_ns;        /* first pure SYN */
+    __u64 synack_ns;     /* first SYN+ACK */
+};
+
+#define FLOW_F_FRAGMENT 0x01 /* non-first IP fragments: no ports available */
+
+/* Per-CPU counters; indices mirror mermin_cli/engine/layout.py COUNTERS. */
+enum {
+    CTR_PACKETS = 0,     /* packets seen by the program */
+    CTR_NON_IP,          /* not IPv4/IPv6 (ARP, LLDP, ...) */
+    CTR_TRUNCATED,       /* headers shorter than they claim */
+    CTR_FRAGMENT,        /* non-first IP fragments (tracked without ports) */
+    CTR_IPV6_EXT_LIMIT,  /* more IPv6 extension headers than we walk */
+    CTR_NEW_FLOWS,       /* entries created */
+    CTR_INSERT_RACE,     /* another CPU created the entry first */
+    CTR_MAP_FULL,        /* no entry could be created: packet not in any flow */
+    CTR_MAP_FULL_BYTES,  /* IP bytes of those packets */
+    CTR_MAX,
+};
+
+BPF_F_TABLE("hash", struct flow_key, struct flow_stats, flows, MAX_FLOWS, 0);
+BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
+
+/* What the parser extracts from one packet. */
+struct pkt {
+    struct flow_key key;  /* not yet ordered: lo = source, hi = destination */
+    __u32 ip_len;
+    __u32 flow_label;
+    __u16 vlan_id;
+    __u8  tcp_flags;
+    __u8  ttl;
+    __u8  tos;
+    __u8  icmp_type;
+    __u8  icmp_code;
+    __u8  fragment;
+};
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+    __u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += n; /* per-CPU slot: no atomics needed */
+}
+
+/* ICMP key ports. Echo request/reply use the identifier in both slots so both
+ * directions meet and separate ping sessions stay separate; other types use the
+ * request type of a request/reply pair (or the type itself) and the code, so
+ * different error kinds between two hosts stay distinct. */
+static __always_inline void icmp_key_ports(struct pkt *p, __u8 v6, __u16 echo_id)
+{
+    __u8 t = p->icmp_type;
+    __u8 is_echo = v6 ? (t == 128 || t == 129) : (t == 8 || t == 0);
+    if (is_echo) {
+        p->key.lo_port = echo_id;
+        p->key.hi_port = echo_id;
+        return;
+    }
+    if (!v6) {
+        if (t == 14 || t == 16 || t == 18)
+            t -= 1; /* timestamp/info/mask reply -> request */
+    } else if (t == 131 || t == 134 || t == 136 || t == 140 || t == 145) {
+        t -= 1;     /* MLD/ND/NI/HA replies -> request */
+    }
+    p->key.lo_port = t;
+    p->key.hi_port = p->icmp_code;
+}
+
+/* Layer 4: ports, TCP flags, ICMP type/code. Returns 0, or -1 if truncated. */
+static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end, __u8 v6)
+{
+    __u8 proto = p->key.proto;
+
+    if (p->fragment)
+        return 0; /* non-first fragment: no transport header here */
+
+    if (proto == PROTO_TCP) {
+        if (l4 + 14 > data_end)
+            return -1;
+        __u16 *ports = l4;
+        p->key.lo_port = bpf_ntohs(ports[0]);
+        p->key.hi_port = bpf_ntohs(ports[1]);
+        p->tcp_flags = *(__u8 *)(l4 + 13);
+    } else if (proto == PROTO_UDP || proto == PROTO_SCTP || proto == PROTO_UDPLITE) {
+        if (l4 + 4 > data_end)
+            return -1;
+        __u16 *ports = l4;
+        p->key.lo_port = bpf_ntohs(ports[0]);
+        p->key.hi_port = bpf_ntohs(ports[1]);
+    } else if (proto == PROTO_ICMP || proto == PROTO_ICMPV6) {
+        if (l4 + 8 > data_end)
+            return -1;
+        __u8 *icmp = l4;
+        p->icmp_type = icmp[0];
+        p->icmp_code = icmp[1];
+        icmp_key_ports(p, v6, bpf_ntohs(*(__u16 *)(l4 + 4)));
+    }
+    /* any other protocol: no ports */
+    return 0;
+}
+
+static __always_inline int parse_ipv4(struct pkt *p, void *l3, void *data_end, __u32 l3_len)
+{
+    struct iphdr *ip = l3;
+    if ((void *)(ip + 1) > data_end)
+        return -1;
+    __u32 ihl = ip->ihl * 4;
+    if (ihl < sizeof(*ip))
+        return -1;
+
+    p->key.ip_ver = 4;
+    p->key.proto = ip->protocol;
+    p->key.lo_addr[0] = ip->saddr;
+    p->key.hi_addr[0] = ip->daddr;
+    p->ttl = ip->ttl;
+    p->tos = ip->tos;
+
+    /* The length field excludes Ethernet padding; 0 (TSO/BIG TCP) falls back. */
+    __u32 tot = bpf_ntohs(ip->tot_len);
+    p->ip_len = (tot && tot <= l3_len) ? tot : l3_len;
+
+    if (bpf_ntohs(ip->frag_off) & 0x1fff) {
+        p->fragment = 1;
+        return 0;
+    }
+    void *l4 = l3 + ihl;
+    if (l4 > data_end)
+        return -1;
+    return parse_l4(p, l4, data_end, 0);
+}
+
+/* IPv6 extension headers that may precede the transport header. */
+static __always_inline int is_ipv6_ext(__u8 nh)
+{
+    return nh == 0 /* hop-by-hop */ || nh == 43 /* routing */ || nh == 44 /* fragment */ ||
+           nh == 60 /* destination options */ || nh == 51 /* AH */;
+}
+
+static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, __u32 l3_len)
+{
+    struct ipv6hdr *ip6 = l3;
+    if ((void *)(ip6 + 1) > data_end)
+        return -1;
+
+    p->key.ip_ver = 6;
+    __builtin_memcpy(p->key.lo_addr, &ip6->saddr, 16);
+    __builtin_memcpy(p->key.hi_addr, &ip6->daddr, 16);
+    p->ttl = ip6->hop_limit;
+    __u32 w0 = bpf_ntohl(*(__u32 *)ip6);
+    p->tos = (w0 >> 20) & 0xff;
+    p->flow_label = w0 & 0xfffff;
+
+    __u32 payload = bpf_ntohs(ip6->payload_len);
+    __u32 tot = payload + sizeof(*ip6);
+    p->ip_len = (payload && tot <= l3_len) ? tot : l3_len;
+
+    __u8 nh = ip6->nexthdr;
+    void *hdr = (void *)(ip6 + 1);
+
+    /* Walk a bounded number of extension headers (verifier-friendly unrolled loop). */
+#pragma unroll
+    for (int i = 0; i < MAX_IPV6_EXT; i++) {
+        if (!is_ipv6_ext(nh))
+            break;
+        __u8 *ext = hdr;
+        if ((void *)(ext + 8) > data_end)
+            return -1;
+        __u32 len;
+        if (nh == 44) {
+            /* fragment header: offset in the upper 13 bits of bytes 2-3 */
+            if (bpf_ntohs(*(__u16 *)(ext + 2)) & 0xfff8)
+                p->fragment = 1;
+            len = 8;
+        } else if (nh == 51) {
+            len = ((__u32)ext[1] + 2) * 4;
+        } else {
+            len = ((__u32)ext[1] + 1) * 8;
+        }
+        nh = ext[0];
+        hdr += len;
+    }
+    if (is_ipv6_ext(nh)) {
+        count(CTR_IPV6_EXT_LIMIT, 1);
+        p->fragment = 1; /* transport header not reached: track without ports */
+    }
+    p->key.proto = nh;
+    if (hdr > data_end)
+        return -1;
+    return parse_l4(p, hdr, data_end, 1);
+}
+
+/* Order the endpoints so both directions share a key; returns the packet direction. */
+static __always_inline __u8 normalize(struct flow_key *k)
+{
+    __u8 swap = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (k->lo_addr[i] != k->hi_addr[i]) {
+            swap = k->lo_addr[i] > k->hi_addr[i];
+            goto decided;
+        }
+    }
+    /* same address on both ends (loopback): order by port, ICMP keeps its slots */
+    if (k->proto != PROTO_ICMP && k->proto != PROTO_ICMPV6)
+        swap = k->lo_port > k->hi_port;
+decided:
+    if (!swap)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __u32 t = k->lo_addr[i];
+        k->lo_addr[i] = k->hi_addr[i];
+        k->hi_addr[i] = t;
+    }
+    if (k->proto != PROTO_ICMP && k->proto != PROTO_ICMPV6) {
+        __u16 t = k->lo_port;
+        k->lo_port = k->hi_port;
+        k->hi_port = t;
+    }
+    return 1;
+}
+
+/* Metadata of the first packet in a direction (written once per direction). */
+static __always_inline void set_meta(struct flow_stats *s, struct pkt *p, __u8 dir)
+{
+    if (dir) {
+        s->ttl[1] = p->ttl;
+        s->tos[1] = p->tos;
+        s->icmp_type[1] = p->icmp_type;
+        s->icmp_code[1] = p->icmp_code;
+        s->flow_label[1] = p->flow_label;
+    } else {
+        s->ttl[0] = p->ttl;
+        s->tos[0] = p->tos;
+        s->icmp_type[0] = p->icmp_type;
+        s->icmp_code[0] = p->icmp_code;
+        s->flow_label[0] = p->flow_label;
+    }
+    s->meta_seen |= 1 << dir;
+}
+
+/* TCP handshake bookkeeping: who sent the first SYN / SYN+ACK, and when. */
+static __always_inline void note_handshake(struct flow_stats *s, __u8 flags, __u8 dir, __u64 now)
+{
+    __u8 syn_ack = flags & (TCP_SYN | TCP_ACK);
+    if (syn_ack == TCP_SYN && s->syn_dir == DIR_NONE) {
+        s->syn_dir = dir;
+        s->syn_ns = now;
+    } else if (syn_ack == (TCP_SYN | TCP_ACK) && s->synack_dir == DIR_NONE) {
+        s->synack_dir = dir;
+        s->synack_ns = now;
+    }
+}
+
+static __always_inline void update(struct flow_stats *s, struct pkt *p, __u8 dir, __u64 now)
+{
+    /* Explicit branches per direction: a computed index into the value makes clang
+     * emit pointer arithmetic that older verifiers reject. */
+    if (dir) {
+        __sync_fetch_and_add(&s->packets[1], 1);
+        __sync_fetch_and_add(&s->bytes[1], p->ip_len);
+        if ((s->tcp_flags[1] | p->tcp_flags) != s->tcp_flags[1])
+            s->tcp_flags[1] |= p->tcp_flags; /* benign race: flags only accumulate */
+    } else {
+        __sync_fetch_and_add(&s->packets[0], 1);
+        __sync_fetch_and_add(&s->bytes[0], p->ip_len);
+        if ((s->tcp_flags[0] | p->tcp_flags) != s->tcp_flags[0])
+            s->tcp_flags[0] |= p->tcp_flags;
+    }
+    s->last_ns = now;
+    if (!(s->meta_seen & (1 << dir)))
+        set_meta(s, p, dir);
+    if (p->tcp_flags & TCP_SYN)
+        note_handshake(s, p->tcp_flags, dir, now);
+}
+
+static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now)
+{
+    struct flow_stats init = {};
+    init.first_ns = now;
+    init.first_dir = dir;
+    init.first_hook = hook;
+    init.syn_dir = DIR_NONE;
+    init.synack_dir = DIR_NONE;
+    init.vlan_id = p->vlan_id;
+    init.flags = p->fragment ? FLOW_F_FRAGMENT : 0;
+    update(&init, p, dir, now);
+
+    /* BCC's insert() is BPF_NOEXIST: never overwrite an entry another CPU created. */
+    int err = flows.insert(&p->key, &init);
+    if (err == 0) {
+        count(CTR_NEW_FLOWS, 1);
+        return;
+    }
+    struct flow_stats *s = flows.lookup(&p->key);
+    if (s) {
+        count(CTR_INSERT_RACE, 1);
+        update(s, p, dir, now);
+        return;
+    }
+    count(CTR_MAP_FULL, 1);
+    count(CTR_MAP_FULL_BYTES, p->ip_len);
+}
+
+/* Common body: `l2` and `hook` are compile-time constants per entry point. */
+static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u8 hook)
+{
+    count(CTR_PACKETS, 1);
+
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    /* Headers in a non-linear skb: make them directly readable. This moves bytes
+     * into the linear area but never changes packet content. */
+    if (data_end - data < PULL_LEN && skb->len > data_end - data) {
+        bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+        data = (void *)(long)skb->data;
+        data_end = (void *)(long)skb->data_end;
+    }
+
+    struct pkt p = {};
+    __u16 eth_proto;
+    __u32 off = 0;
+
+    if (l2) {
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > data_end) {
+            count(CTR_TRUNCATED, 1);
+            return TC_ACT_UNSPEC;
+        }
+        eth_proto = eth->h_proto;
+        off = sizeof(*eth);
+        if (skb->vlan_present)
+            p.vlan_id = skb->vlan_tci & 0x0fff; /* tag offloaded out of the data */
+#pragma unroll
+        for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+            if (eth_proto != ETH_P_8021Q_BE && eth_proto != ETH_P_8021AD_BE)
+                break;
+            __u16 *tag = data + off;
+            if ((void *)(tag + 2) > data_end) {
+                count(CTR_TRUNCATED, 1);
+                return TC_ACT_UNSPEC;
+            }
+            if (!p.vlan_id)
+                p.vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
+            eth_proto = tag[1];
+            off += 4;
+        }
+    } else {
+        eth_proto = skb->protocol; /* L3 device: the packet starts at the IP header */
+    }
+
+    __u32 l3_len = skb->len > off ? skb->len - off : 0;
+    void *l3 = data + off;
+    int ret;
+    if (eth_proto == ETH_P_IP_BE) {
+        ret = parse_ipv4(&p, l3, data_end, l3_len);
+    } else if (eth_proto == ETH_P_IPV6_BE) {
+        ret = parse_ipv6(&p, l3, data_end, l3_len);
+    } else {
+        count(CTR_NON_IP, 1);
+        return TC_ACT_UNSPEC;
+    }
+    if (ret < 0) {
+        count(CTR_TRUNCATED, 1);
+        return TC_ACT_UNSPEC;
+    }
+    if (p.fragment)
+        count(CTR_FRAGMENT, 1);
+
+    p.key.ifindex = skb->ifindex;
+    __u8 dir = normalize(&p.key);
+    __u64 now = bpf_ktime_get_ns();
+
+    struct flow_stats *s = flows.lookup(&p.key);
+    if (s)
+        update(s, &p, dir, now);
+    else
+        create(&p, dir, hook, now);
+    return TC_ACT_UNSPEC;
+}
+
+int mermin_ing_l2(struct __sk_buff *skb) { return handle(skb, 1, 0); }
+int mermin_egr_l2(struct __sk_buff *skb) { return handle(skb, 1, 1); }
+int mermin_ing_l3(struct __sk_buff *skb) { return handle(skb, 0, 0); }
+int mermin_egr_l3(struct __sk_buff *skb) { return handle(skb, 0, 1); }

@@ -1,0 +1,119 @@
+"""The few bpf(2) commands BCC does not wrap: TCX links, test runs, lookup-and-delete.
+
+`union bpf_attr` is built as a zeroed byte buffer with fields packed at their UAPI
+offsets; the kernel requires every unused byte to be zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
+
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+BPF_F_BEFORE = 1 << 3
+BPF_F_AFTER = 1 << 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf syscall number unknown for {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(ret)
+
+
+def _attr(size: int, *fields: tuple[int, str, int]) -> ctypes.Array[ctypes.c_char]:
+    buf = ctypes.create_string_buffer(size)
+    for offset, fmt, value in fields:
+        struct.pack_into(fmt, buf, offset, value)
+    return buf
+
+
+def tcx_link_create(prog_fd: int, ifindex: int, egress: bool, first: bool = True) -> int:
+    """Attach a SCHED_CLS program with a TCX link; returns the link fd (closing it detaches)."""
+    attr = _attr(
+        64,
+        (0, "I", prog_fd),
+        (4, "I", ifindex),
+        (8, "I", BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS),
+        (12, "I", BPF_F_BEFORE if first else BPF_F_AFTER),
+    )
+    return _bpf(BPF_LINK_CREATE, attr)
+
+
+def prog_id(prog_fd: int) -> int:
+    """Kernel id of a loaded program (what bpftool and `mermin interfaces` show)."""
+    info = ctypes.create_string_buffer(256)
+    attr = _attr(
+        16,
+        (0, "I", prog_fd),
+        (4, "I", len(info)),
+        (8, "Q", ctypes.addressof(info)),
+    )
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return int(struct.unpack_from("I", info, 4)[0])
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """Result of BPF_PROG_TEST_RUN."""
+
+    retval: int
+    duration_ns: int  # mean per repetition, as measured by the kernel
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) -> TestRun:
+    """Run a loaded SCHED_CLS program on `data` (a whole frame) inside the kernel."""
+    data_in = ctypes.create_string_buffer(data, len(data))
+    fields = [
+        (0, "I", prog_fd),
+        (8, "I", len(data)),
+        (16, "Q", ctypes.addressof(data_in)),
+        (32, "I", repeat),
+    ]
+    ctx = None
+    if ifindex:
+        # struct __sk_buff: ifindex lives at offset 40; the rest must stay zero.
+        ctx = ctypes.create_string_buffer(192)
+        struct.pack_into("I", ctx, 40, ifindex)
+        fields += [(40, "I", len(ctx)), (48, "Q", ctypes.addressof(ctx))]
+    attr = _attr(80, *fields)
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    retval, duration = struct.unpack_from("i", attr, 4)[0], struct.unpack_from("I", attr, 36)[0]
+    return TestRun(retval=retval, duration_ns=duration)
+
+
+def map_lookup_and_delete(map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int) -> bytes | None:
+    """Atomically read and remove one entry; None if it is already gone."""
+    value = ctypes.create_string_buffer(value_size)
+    attr = _attr(
+        32,
+        (0, "I", map_fd),
+        (8, "Q", ctypes.addressof(key)),
+        (16, "Q", ctypes.addressof(value)),
+    )
+    try:
+        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return value.raw

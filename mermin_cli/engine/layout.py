@@ -1,0 +1,71 @@
+"""numpy mirrors of the C structs in bpf/flow.c (checked against BCC's sizes at load)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+KEY_DTYPE = np.dtype(
+    [
+        ("lo_addr", "V16"),
+        ("hi_addr", "V16"),
+        ("lo_port", "<u2"),
+        ("hi_port", "<u2"),
+        ("ifindex", "<u4"),
+        ("proto", "u1"),
+        ("ip_ver", "u1"),
+        ("pad", "<u2"),
+    ]
+)
+
+STATS_DTYPE = np.dtype(
+    [
+        ("packets", "<u8", (2,)),
+        ("bytes", "<u8", (2,)),
+        ("first_ns", "<u8"),
+        ("last_ns", "<u8"),
+        ("tcp_flags", "u1", (2,)),
+        ("first_dir", "u1"),
+        ("first_hook", "u1"),
+        ("syn_dir", "u1"),
+        ("synack_dir", "u1"),
+        ("meta_seen", "u1"),
+        ("flags", "u1"),
+        ("ttl", "u1", (2,)),
+        ("tos", "u1", (2,)),
+        ("icmp_type", "u1", (2,)),
+        ("icmp_code", "u1", (2,)),
+        ("flow_label", "<u4", (2,)),
+        ("vlan_id", "<u2"),
+        ("pad0", "<u2"),
+        ("pad1", "<u4"),
+        ("syn_ns", "<u8"),
+        ("synack_ns", "<u8"),
+    ]
+)
+
+DIR_NONE = 0xFF
+FLOW_F_FRAGMENT = 0x01
+HOOK_EGRESS = 1
+
+# Per-CPU counter slots, in the order of the enum in bpf/flow.c.
+COUNTERS = (
+    "packets",
+    "non_ip",
+    "truncated",
+    "fragment",
+    "ipv6_ext_limit",
+    "new_flows",
+    "insert_race",
+    "map_full",
+    "map_full_bytes",
+)
+
+PROGRAMS = {
+    # (l3 device, egress) -> function name in bpf/flow.c
+    (False, False): "mermin_ing_l2",
+    (False, True): "mermin_egr_l2",
+    (True, False): "mermin_ing_l3",
+    (True, True): "mermin_egr_l3",
+}
+
+assert KEY_DTYPE.itemsize == 44 and STATS_DTYPE.itemsize == 96

@@ -1,0 +1,64 @@
+"""Read the kernel flow table in bulk and remove expired entries.
+
+One `BPF_MAP_LOOKUP_BATCH` pass copies the whole table into buffers allocated once,
+viewed as numpy structured arrays: reading costs a few syscalls, not one per flow.
+Expired flows are removed with lookup-and-delete, which returns their final counters
+atomically, so packets that arrive between the read and the delete are not lost.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+import numpy as np
+
+from mermin_cli.engine import bpfsys
+from mermin_cli.engine.layout import KEY_DTYPE, STATS_DTYPE
+
+
+class FlowTable:
+    """Bulk reader of the `flows` hash map."""
+
+    def __init__(self, map_fd: int, capacity: int, lib: ctypes.CDLL) -> None:
+        self.map_fd = map_fd
+        self.capacity = capacity
+        self._lib = lib
+        self._keys = ctypes.create_string_buffer(KEY_DTYPE.itemsize * capacity)
+        self._values = ctypes.create_string_buffer(STATS_DTYPE.itemsize * capacity)
+        self._keys_view = np.frombuffer(self._keys, dtype=KEY_DTYPE)
+        self._values_view = np.frombuffer(self._values, dtype=STATS_DTYPE)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copy of every (key, stats) row currently in the table."""
+        total = 0
+        in_batch = ctypes.c_uint32(0)
+        out_batch = ctypes.c_uint32(0)
+        first = True
+        while total < self.capacity:
+            count = ctypes.c_uint32(self.capacity - total)
+            ret = self._lib.bpf_lookup_batch(
+                self.map_fd,
+                None if first else ctypes.byref(in_batch),
+                ctypes.byref(out_batch),
+                ctypes.byref(self._keys, total * KEY_DTYPE.itemsize),
+                ctypes.byref(self._values, total * STATS_DTYPE.itemsize),
+                ctypes.byref(count),
+            )
+            err = ctypes.get_errno() if ret < 0 else 0
+            if ret < 0 and -ret != errno.ENOENT and err != errno.ENOENT:
+                raise OSError(err or -ret, f"reading the flow table failed: errno {err or -ret}")
+            total += count.value
+            if ret < 0:  # ENOENT: the whole table has been read
+                break
+            in_batch.value = out_batch.value
+            first = False
+        return self._keys_view[:total].copy(), self._values_view[:total].copy()
+
+    def take(self, key: np.void) -> np.void | None:
+        """Remove one flow and return its final stats (None if already gone)."""
+        raw = ctypes.create_string_buffer(key.tobytes(), KEY_DTYPE.itemsize)
+        value = bpfsys.map_lookup_and_delete(self.map_fd, raw, STATS_DTYPE.itemsize)
+        if value is None:
+            return None
+        return np.frombuffer(value, dtype=STATS_DTYPE)[0]

@@ -1,0 +1,369 @@
+"""Where kernel flow entries become flow records.
+
+Every poll reads the whole table once, decides with vectorised numpy masks which flows
+are idle (timeout from the kernel's last-seen time, re-chosen each poll from the TCP
+flags seen so far) or due for an interim record (a `max_record_interval` boundary since
+the flow's first packet was crossed since the previous poll), and does Python work only
+for those: cost grows with flows and records, never with packets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from mermin_cli.engine.layout import DIR_NONE, FLOW_F_FRAGMENT
+from mermin_cli.flows import names
+from mermin_cli.flows.community_id import community_id
+from mermin_cli.flows.direction import LocalHost, initiator_dir, span_kind
+from mermin_cli.flows.record import (
+    DIRECTION_OF_KIND,
+    END_ACTIVE,
+    END_FORCED,
+    END_IDLE,
+    END_OF_FLOW,
+    END_RESOURCES,
+    FlowRecord,
+)
+from mermin_cli.flows.traceids import TraceIds
+
+if TYPE_CHECKING:
+    from mermin_cli.config.schema import SpanConfig
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+PORTED = {6, 17, 132, 136}  # TCP, UDP, SCTP, UDP-Lite
+ICMP = {1, 58}
+NS = 1_000_000_000
+
+# Table usage at which the oldest flows are closed early, and the level to bring it to.
+EVICT_HIGH, EVICT_TARGET = 0.9, 0.8
+
+
+class Table(Protocol):
+    """The kernel flow table as the tracker sees it (see flows/table.py)."""
+
+    capacity: int
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def take(self, key: np.void) -> np.void | None: ...
+
+
+@dataclass(slots=True)
+class FlowState:
+    """What we remember about a flow between its records."""
+
+    fwd: int  # key direction index of source -> destination
+    static: dict[str, Any]  # attributes fixed for the flow's lifetime
+    name: str
+    kind: str
+    community_id: str
+    first_ns: int
+    prev_end_ns: int = 0  # end of the previous record (start of the next window)
+    packets: tuple[int, int] = (0, 0)  # forward, reverse totals at the previous record
+    octets: tuple[int, int] = (0, 0)
+
+
+def _addr(raw: bytes, ip_ver: int) -> bytes:
+    return raw[:4] if ip_ver == 4 else raw
+
+
+def _clock_offset() -> int:
+    """Wall-clock minus monotonic, from the tightest of a few bracketed readings."""
+    best = None
+    for _ in range(3):
+        m0 = time.monotonic_ns()
+        wall = time.time_ns()
+        m1 = time.monotonic_ns()
+        if best is None or m1 - m0 < best[0]:
+            best = (m1 - m0, wall - (m0 + m1) // 2)
+    assert best is not None
+    return best[1]
+
+
+class FlowTracker:
+    """Turns polls of the kernel table into FlowRecords."""
+
+    def __init__(
+        self,
+        table: Table,
+        span: SpanConfig,
+        interface_name: Callable[[int], str | None],
+        host: LocalHost | None = None,
+    ) -> None:
+        self.table = table
+        self.span = span
+        self.interface_name = interface_name
+        self.host = host or LocalHost()
+        self.trace_ids = TraceIds(
+            int(span.trace_id_timeout * NS), max_entries=max(65536, 4 * table.capacity)
+        )
+        self.flows: dict[bytes, FlowState] = {}
+        self._prev_poll_ns = 0
+        self.records_emitted = 0
+        self.zero_suppressed = 0
+        self.evicted = 0
+
+    # -- polling -------------------------------------------------------------------
+
+    def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
+        """One poll: records for idle, closing, due and (if the table is near full) evicted flows."""
+        keys, vals = self.table.read()
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        self.host.refresh()
+        offset = _clock_offset()
+        out: list[FlowRecord] = []
+
+        last = vals["last_ns"].astype(np.int64)
+        first = vals["first_ns"].astype(np.int64)
+        idle = (now - last) >= self._timeouts_ns(keys, vals)
+        interval = max(1, int(self.span.max_record_interval * NS))
+        prev = np.maximum(first, self._prev_poll_ns)
+        due = ~idle & (((now - first) // interval) > ((prev - first) // interval))
+        self._prev_poll_ns = now
+
+        for i in np.flatnonzero(idle):
+            final = self.table.take(keys[i])
+            if final is None:
+                self.flows.pop(keys[i].tobytes(), None)
+            else:
+                out.extend(self._close(keys[i], final, self._end_reason(final), offset))
+        for i in np.flatnonzero(due):
+            out.extend(self._emit(keys[i], vals[i], END_ACTIVE, offset))
+        out.extend(self._evict(keys, vals, idle, offset))
+        self.records_emitted += len(out)
+        return out
+
+    def flush(self) -> list[FlowRecord]:
+        """Final `forced_end` records of every active flow (shutdown / end of input)."""
+        keys, vals = self.table.read()
+        offset = _clock_offset()
+        out: list[FlowRecord] = []
+        for i in range(len(keys)):
+            out.extend(self._close(keys[i], vals[i], END_FORCED, offset))
+        self.records_emitted += len(out)
+        return out
+
+    def _timeouts_ns(self, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
+        s = self.span
+        proto = keys["proto"]
+        flags = vals["tcp_flags"][:, 0] | vals["tcp_flags"][:, 1]
+        tcp = proto == 6
+        seconds = np.select(
+            [
+                tcp & ((flags & TCP_RST) != 0),
+                tcp & ((flags & TCP_FIN) != 0),
+                tcp,
+                (proto == 17) | (proto == 136),
+                (proto == 1) | (proto == 58),
+            ],
+            [s.tcp_rst_timeout, s.tcp_fin_timeout, s.tcp_timeout, s.udp_timeout, s.icmp_timeout],
+            default=s.generic_timeout,
+        )
+        return (seconds * NS).astype(np.int64)
+
+    @staticmethod
+    def _end_reason(stats: np.void) -> str:
+        flags = int(stats["tcp_flags"][0]) | int(stats["tcp_flags"][1])
+        return END_OF_FLOW if flags & (TCP_FIN | TCP_RST) else END_IDLE
+
+    def _evict(
+        self, keys: np.ndarray, vals: np.ndarray, idle: np.ndarray, offset: int
+    ) -> Iterator[FlowRecord]:
+        """Close the least recently active flows when the table is nearly full."""
+        live = np.flatnonzero(~idle)
+        cap = self.table.capacity
+        if len(live) < EVICT_HIGH * cap:
+            return
+        excess = len(live) - int(EVICT_TARGET * cap)
+        oldest = live[np.argsort(vals["last_ns"][live], kind="stable")[:excess]]
+        for i in oldest:
+            final = self.table.take(keys[i])
+            if final is not None:
+                self.evicted += 1
+                yield from self._close(keys[i], final, END_RESOURCES, offset)
+
+    # -- records ---------------------------------------------------------------------
+
+    def _close(self, key: np.void, stats: np.void, reason: str, offset: int) -> list[FlowRecord]:
+        records = list(self._emit(key, stats, reason, offset))
+        self.flows.pop(key.tobytes(), None)
+        return records
+
+    def _emit(self, key: np.void, stats: np.void, reason: str, offset: int) -> Iterator[FlowRecord]:
+        kb = key.tobytes()
+        state = self.flows.get(kb)
+        if state is None or state.first_ns != int(stats["first_ns"]):
+            state = self.flows[kb] = self._new_state(key, stats)
+        f, r = state.fwd, 1 - state.fwd
+        packets = (int(stats["packets"][f]), int(stats["packets"][r]))
+        octets = (int(stats["bytes"][f]), int(stats["bytes"][r]))
+        dp = (packets[0] - state.packets[0], packets[1] - state.packets[1])
+        if dp == (0, 0):
+            self.zero_suppressed += 1
+            return
+        do = (octets[0] - state.octets[0], octets[1] - state.octets[1])
+        start = state.prev_end_ns or state.first_ns
+        end = max(int(stats["last_ns"]), start)
+        state.prev_end_ns, state.packets, state.octets = end, packets, octets
+
+        attrs = dict(state.static)
+        attrs["flow.end_reason"] = reason
+        attrs.update(
+            {
+                "flow.bytes.delta": do[0],
+                "flow.bytes.total": octets[0],
+                "flow.packets.delta": dp[0],
+                "flow.packets.total": packets[0],
+                "flow.reverse.bytes.delta": do[1],
+                "flow.reverse.bytes.total": octets[1],
+                "flow.reverse.packets.delta": dp[1],
+                "flow.reverse.packets.total": packets[1],
+            }
+        )
+        attrs.update(_dynamic_attributes(key, stats, f))
+        yield FlowRecord(
+            name=state.name,
+            kind=state.kind,
+            trace_id=self.trace_ids.get(state.community_id, end),
+            span_id=secrets.token_hex(8),
+            start_time_unix_nano=start + offset,
+            end_time_unix_nano=end + offset,
+            attributes=attrs,
+        )
+
+    def _new_state(self, key: np.void, stats: np.void) -> FlowState:
+        ip_ver, proto = int(key["ip_ver"]), int(key["proto"])
+        lo = _addr(key["lo_addr"].tobytes(), ip_ver)
+        hi = _addr(key["hi_addr"].tobytes(), ip_ver)
+        ports = (int(key["lo_port"]), int(key["hi_port"]))
+        first_dir = int(stats["first_dir"])
+        fwd = initiator_dir(
+            proto,
+            ip_ver,
+            ports,
+            (lo, hi),
+            first_dir,
+            int(stats["syn_dir"]),
+            int(stats["synack_dir"]),
+            int(stats["icmp_type"][first_dir]),
+            self.host,
+        )
+        src, dst = (lo, hi) if fwd == 0 else (hi, lo)
+        if proto in ICMP:
+            # ICMP has no ports: show the initiator's type and code, as Community ID does.
+            sport, dport = int(stats["icmp_type"][fwd]), int(stats["icmp_code"][fwd])
+            # Community ID hashes the first packet as it was sent (one-way types keep order).
+            sender = (lo, hi) if first_dir == 0 else (hi, lo)
+            cid = community_id(
+                proto,
+                *sender,
+                int(stats["icmp_type"][first_dir]),
+                int(stats["icmp_code"][first_dir]),
+                self.span.community_id_seed,
+            )
+        else:
+            sport, dport = (ports[0], ports[1]) if fwd == 0 else (ports[1], ports[0])
+            if proto not in PORTED:
+                sport = dport = 0
+            cid = community_id(
+                proto,
+                src,
+                dst,
+                sport if proto in PORTED else None,
+                dport if proto in PORTED else None,
+                self.span.community_id_seed,
+            )
+        kind = span_kind(src, dst, self.host)
+        network_type = f"ipv{ip_ver}"
+        transport = names.transport_name(proto)
+        ifindex = int(key["ifindex"])
+        static: dict[str, Any] = {
+            "flow.community_id": cid,
+            "flow.direction": DIRECTION_OF_KIND[kind],
+            "source.address": str(ipaddress.ip_address(src)),
+            "source.port": sport,
+            "destination.address": str(ipaddress.ip_address(dst)),
+            "destination.port": dport,
+            "network.type": network_type,
+            "network.transport": transport,
+            "network.interface.index": ifindex,
+        }
+        ifname = self.interface_name(ifindex)
+        if ifname is not None:
+            static["network.interface.name"] = ifname
+        if int(stats["vlan_id"]):
+            static["network.vlan.id"] = int(stats["vlan_id"])
+        if int(stats["flags"]) & FLOW_F_FRAGMENT:
+            static["flow.ip.fragmented"] = True
+        return FlowState(
+            fwd=fwd,
+            static=static,
+            name=f"flow_{network_type}_{transport}",
+            kind=kind,
+            community_id=cid,
+            first_ns=int(stats["first_ns"]),
+        )
+
+
+def _dynamic_attributes(key: np.void, stats: np.void, f: int) -> dict[str, Any]:
+    """Attributes that may change between records: TCP state and flags, IP/ICMP metadata."""
+    r = 1 - f
+    ip_ver, proto = int(key["ip_ver"]), int(key["proto"])
+    seen = int(stats["meta_seen"])
+    out: dict[str, Any] = {}
+    if proto == 6:
+        fwd_flags, rev_flags = int(stats["tcp_flags"][f]), int(stats["tcp_flags"][r])
+        out["flow.connection.state"] = tcp_state(fwd_flags, rev_flags, stats, f)
+        out["flow.tcp.flags.bits"] = fwd_flags
+        out["flow.tcp.flags.tags"] = names.tcp_flag_tags(fwd_flags)
+        out["flow.reverse.tcp.flags.bits"] = rev_flags
+        out["flow.reverse.tcp.flags.tags"] = names.tcp_flag_tags(rev_flags)
+        syn_dir, synack_dir = int(stats["syn_dir"]), int(stats["synack_dir"])
+        if syn_dir != DIR_NONE and synack_dir != DIR_NONE and syn_dir != synack_dir:
+            latency = int(stats["synack_ns"]) - int(stats["syn_ns"])
+            if latency >= 0:
+                out["flow.tcp.handshake.latency"] = latency
+    for d, prefix in ((f, "flow."), (r, "flow.reverse.")):
+        if not seen & (1 << d):
+            continue
+        tos = int(stats["tos"][d])
+        out[prefix + "ip.dscp.id"] = tos >> 2
+        out[prefix + "ip.dscp.name"] = names.dscp_name(tos >> 2)
+        out[prefix + "ip.ecn.id"] = tos & 3
+        out[prefix + "ip.ecn.name"] = names.ecn_name(tos & 3)
+        out[prefix + "ip.ttl"] = int(stats["ttl"][d])
+        if ip_ver == 6:
+            out[prefix + "ip.flow_label"] = int(stats["flow_label"][d])
+        if proto in ICMP:
+            t, c = int(stats["icmp_type"][d]), int(stats["icmp_code"][d])
+            out[prefix + "icmp.type.id"] = t
+            out[prefix + "icmp.type.name"] = names.icmp_type_name(ip_ver, t)
+            out[prefix + "icmp.code.id"] = c
+            out[prefix + "icmp.code.name"] = names.icmp_code_name(ip_ver, t, c)
+    return out
+
+
+def tcp_state(fwd_flags: int, rev_flags: int, stats: np.void, f: int) -> str:
+    """Coarse RFC 9293 state from the flags each side sent (the client's view)."""
+    if (fwd_flags | rev_flags) & TCP_RST:
+        return "closed"
+    fin_fwd, fin_rev = bool(fwd_flags & TCP_FIN), bool(rev_flags & TCP_FIN)
+    if fin_fwd and fin_rev:
+        return "time_wait"
+    if fin_fwd:
+        return "fin_wait_1"
+    if fin_rev:
+        return "close_wait"
+    syn_dir, synack_dir = int(stats["syn_dir"]), int(stats["synack_dir"])
+    if syn_dir == f and synack_dir == DIR_NONE:
+        return "syn_sent"
+    if synack_dir != DIR_NONE and not (fwd_flags & TCP_ACK):
+        return "syn_received"
+    return "established"
