@@ -83,7 +83,7 @@ def capture(
     log_level: LogLevelOpt = None,
 ) -> None:
     """Capture flows and print a record per flow window (Ctrl-C flushes and stops)."""
-    from mermin_cli.config import load_config
+    from mermin_cli.config.loader import load_config
     from mermin_cli.engine.attach import MODES
     from mermin_cli.output.formats import FORMATS, StreamWriter
     from mermin_cli.pipeline.capture import Capture, CaptureOptions
@@ -114,7 +114,7 @@ def interfaces(
     from rich.console import Console
     from rich.table import Table
 
-    from mermin_cli.config import load_config
+    from mermin_cli.config.loader import load_config
     from mermin_cli.discovery.interfaces import compile_pattern, list_interfaces
 
     cfg = load_config(

@@ -49,9 +49,7 @@ def list_interfaces(ipr: IPRoute | None = None) -> list[Interface]:
     try:
         addrs: dict[int, list[str]] = {}
         for a in ipr.get_addr():
-            addrs.setdefault(a["index"], []).append(
-                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-            )
+            addrs.setdefault(a["index"], []).append(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
         links = [
             Interface(
                 index=m["index"],

@@ -152,9 +152,7 @@ class Attacher:
 
     def _del_filter(self, ifindex: int, egress: bool, prio: int, handle: int) -> None:
         try:
-            self._ipr.tc(
-                "del-filter", "bpf", ifindex, handle, parent=PARENT[egress], prio=prio
-            )
+            self._ipr.tc("del-filter", "bpf", ifindex, handle, parent=PARENT[egress], prio=prio)
         except NetlinkError as exc:
             if exc.code not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
                 raise

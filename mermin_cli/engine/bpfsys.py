@@ -101,7 +101,9 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) 
     return TestRun(retval=retval, duration_ns=duration)
 
 
-def map_lookup_and_delete(map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int) -> bytes | None:
+def map_lookup_and_delete(
+    map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int
+) -> bytes | None:
     """Atomically read and remove one entry; None if it is already gone."""
     value = ctypes.create_string_buffer(value_size)
     attr = _attr(

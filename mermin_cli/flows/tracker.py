@@ -65,7 +65,7 @@ class FlowState:
     kind: str
     community_id: str
     first_ns: int
-    prev_end_ns: int = 0  # end of the previous record (start of the next window)
+    prev_end: int = 0  # wall-clock end of the previous record (start of the next window)
     packets: tuple[int, int] = (0, 0)  # forward, reverse totals at the previous record
     octets: tuple[int, int] = (0, 0)
 
@@ -113,7 +113,7 @@ class FlowTracker:
     # -- polling -------------------------------------------------------------------
 
     def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
-        """One poll: records for idle, closing, due and (if the table is near full) evicted flows."""
+        """One poll: records for idle, closing, due and (table nearly full) evicted flows."""
         keys, vals = self.table.read()
         now = time.monotonic_ns() if now_ns is None else now_ns
         self.host.refresh()
@@ -209,9 +209,10 @@ class FlowTracker:
             self.zero_suppressed += 1
             return
         do = (octets[0] - state.octets[0], octets[1] - state.octets[1])
-        start = state.prev_end_ns or state.first_ns
-        end = max(int(stats["last_ns"]), start)
-        state.prev_end_ns, state.packets, state.octets = end, packets, octets
+        # Times are monotonic in the kernel; windows chain exactly in wall-clock time.
+        start = state.prev_end or state.first_ns + offset
+        end = max(int(stats["last_ns"]) + offset, start)
+        state.prev_end, state.packets, state.octets = end, packets, octets
 
         attrs = dict(state.static)
         attrs["flow.end_reason"] = reason
@@ -231,10 +232,10 @@ class FlowTracker:
         yield FlowRecord(
             name=state.name,
             kind=state.kind,
-            trace_id=self.trace_ids.get(state.community_id, end),
+            trace_id=self.trace_ids.get(state.community_id, int(stats["last_ns"])),
             span_id=secrets.token_hex(8),
-            start_time_unix_nano=start + offset,
-            end_time_unix_nano=end + offset,
+            start_time_unix_nano=start,
+            end_time_unix_nano=end,
             attributes=attrs,
         )
 

@@ -139,7 +139,9 @@ class Capture:
 
     def _loop(self, tracker: FlowTracker, attacher: Attacher) -> None:
         interval = self.config.pipeline.flow_producer.flow_store_poll_interval
-        deadline = None if self.options.duration is None else time.monotonic() + self.options.duration
+        deadline = (
+            None if self.options.duration is None else time.monotonic() + self.options.duration
+        )
         while not self.stop.is_set():
             wait = interval if deadline is None else min(interval, deadline - time.monotonic())
             if wait > 0 and self.stop.wait(wait):

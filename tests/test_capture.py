@@ -1,0 +1,331 @@
+"""End-to-end: the real `mermin capture` in a test namespace, real traffic, tcpdump as oracle."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+try:
+    from .capture_run import MERMIN, oracle_key, start_capture, start_tcpdump, write_config
+except ImportError:
+    from capture_run import MERMIN, oracle_key, start_capture, start_tcpdump, write_config
+
+pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("require_bpf")]
+
+TCP_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(); print("up", flush=True)
+c, _ = s.accept(); got = 0
+while (d := c.recv(65536)): got += len(d)
+c.sendall(b"r" * int(sys.argv[3])); c.close(); print(got, flush=True)
+"""
+
+TCP_CLIENT = """
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+c = socket.socket(fam); c.bind((sys.argv[4], int(sys.argv[5])))
+c.connect((sys.argv[1], int(sys.argv[2]))); c.sendall(b"q" * int(sys.argv[3]))
+c.shutdown(socket.SHUT_WR)
+got = 0
+while (d := c.recv(65536)): got += len(d)
+c.close(); print(got)
+"""
+
+UDP_SEND = """
+import socket, sys, time
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM); s.bind((sys.argv[4], int(sys.argv[5])))
+for _ in range(int(sys.argv[3])):
+    s.sendto(b"u" * 100, (sys.argv[1], int(sys.argv[2]))); time.sleep(float(sys.argv[6]))
+"""
+
+
+def tcp_exchange(server, client, port, cport, up: int, down: int) -> None:
+    srv = server.popen(
+        "python3", "-c", TCP_SERVER, server.ip, str(port), str(down), stdout=subprocess.PIPE
+    )
+    assert srv.stdout.readline().strip() == "up"
+    out = client.run(
+        "python3", "-c", TCP_CLIENT, server.ip, str(port), str(up), client.ip, str(cport)
+    )
+    assert int(out.stdout) == down
+    assert int(srv.communicate(timeout=10)[0]) == up
+
+
+@pytest.fixture
+def hosts(link):
+    """The link's ends with an `ip` attribute per family under test."""
+    link.a.ip, link.b.ip = link.a.ip4, link.b.ip4
+    return link
+
+
+def totals(records: list[dict]) -> tuple[int, int, int, int]:
+    a = records[-1]["attributes"]
+    return (
+        a["flow.packets.total"],
+        a["flow.bytes.total"],
+        a["flow.reverse.packets.total"],
+        a["flow.reverse.bytes.total"],
+    )
+
+
+def assert_deltas_sum_to_totals(records: list[dict]) -> None:
+    for field in ("flow.packets", "flow.bytes", "flow.reverse.packets", "flow.reverse.bytes"):
+        assert (
+            sum(r["attributes"][field + ".delta"] for r in records)
+            == (records[-1]["attributes"][field + ".total"])
+        ), field
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_tcp_udp_icmp_match_tcpdump(link, tmp_path: Path, family: str) -> None:
+    a, b = link.a, link.b
+    a.ip, b.ip = (a.ip4, b.ip4) if family == "ipv4" else (a.ip6, b.ip6)
+    cfg = write_config(tmp_path)
+    cap = start_capture(a, "-i", a.ifname, "-c", str(cfg))
+    oracle = start_tcpdump(a, tmp_path / "a.pcap")
+    try:
+        # B connects to A (A is the server), then A connects to B.
+        tcp_exchange(a, b, 8080, 41000, up=5000, down=120_000)
+        tcp_exchange(b, a, 9090, 42000, up=70_000, down=300)
+        b.run("python3", "-c", UDP_SEND, a.ip, "5353", "4", b.ip, "43000", "0.01")
+        a.run("ping", "-c", "3", "-i", "0.2", b.ip)
+        time.sleep(3.0)  # every flow times out (tcp fin 0.5s, udp/icmp 1s) + polls
+        seen = oracle.stop()
+    finally:
+        code = cap.stop()
+    assert code == 0, "".join(cap.stderr)
+    proto_tcp, proto_udp = 6, 17
+
+    def check(proto: int, client: tuple[str, int], server: tuple[str, int], kind: str):
+        recs = cap.for_flow(
+            **{
+                "source.address": client[0],
+                "source.port": client[1],
+                "destination.address": server[0],
+                "destination.port": server[1],
+            }
+        )
+        assert recs, f"no record for {client} -> {server}"
+        counts = seen[oracle_key(proto, client, server)]
+        assert totals(recs) == (*counts[client], *counts[server])
+        assert_deltas_sum_to_totals(recs)
+        assert {r["kind"] for r in recs} == {kind}
+        assert recs[0]["attributes"]["network.interface.name"] == a.ifname
+        return recs
+
+    tcp_in = check(proto_tcp, (b.ip, 41000), (a.ip, 8080), "server")
+    tcp_out = check(proto_tcp, (a.ip, 42000), (b.ip, 9090), "client")
+    for recs in (tcp_in, tcp_out):
+        last = recs[-1]
+        attrs = last["attributes"]
+        assert last["name"] == f"flow_{family}_tcp"
+        assert attrs["flow.end_reason"] == "end_of_flow_detected"
+        assert {"syn", "ack", "fin"} <= set(attrs["flow.tcp.flags.tags"])
+        assert {"syn", "ack", "fin"} <= set(attrs["flow.reverse.tcp.flags.tags"])
+        assert attrs["flow.connection.state"] == "time_wait"
+        assert attrs["flow.tcp.handshake.latency"] > 0
+    assert tcp_in[0]["attributes"]["flow.direction"] == "reverse"
+    assert tcp_out[0]["attributes"]["flow.direction"] == "forward"
+
+    udp = check(proto_udp, (b.ip, 43000), (a.ip, 5353), "server")
+    assert udp[-1]["attributes"]["flow.end_reason"] == "idle_timeout"
+    assert totals(udp)[0] == 4
+    icmp = cap.for_flow(
+        **{"network.transport": "icmp" if family == "ipv4" else "icmpv6", "source.address": a.ip}
+    )
+    echo = [r for r in icmp if r["attributes"]["flow.icmp.type.name"] == "echo_request"]
+    assert len(echo) == 1
+    assert totals(echo)[0] == 3 and totals(echo)[2] == 3
+    assert echo[0]["attributes"]["flow.end_reason"] == "idle_timeout"
+    assert echo[0]["kind"] == "client"
+    for r in cap.records:
+        assert r["schema"] == "mermin.flow/v1"
+        assert len(r["trace_id"]) == 32 and len(r["span_id"]) == 16
+        assert r["start_time_unix_nano"] <= r["end_time_unix_nano"]
+
+
+def test_interim_records_and_expiry_timing(hosts, tmp_path: Path) -> None:
+    a, b = hosts.a, hosts.b
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path, interval="2s")))
+    try:
+        sent_at = time.time()
+        b.run("python3", "-c", UDP_SEND, a.ip, "6000", "25", b.ip, "44000", "0.1")
+        last_packet = time.time()
+        time.sleep(2.5)
+    finally:
+        assert cap.stop() == 0, "".join(cap.stderr)
+    recs = cap.for_flow(**{"source.port": 44000, "destination.port": 6000})
+    reasons = [r["attributes"]["flow.end_reason"] for r in recs]
+    # 2.5 s of traffic, 2 s record interval, 1 s UDP timeout: the interim record at 2 s,
+    # then the final one at ~3.5 s (before the next interval boundary at 4 s).
+    assert reasons == ["active_timeout", "idle_timeout"]
+    assert_deltas_sum_to_totals(recs)
+    assert totals(recs)[0] == 25
+    assert len({r["trace_id"] for r in recs}) == 1
+    assert len({r["span_id"] for r in recs}) == len(recs)
+    for prev, cur in itertools.pairwise(recs):
+        assert cur["start_time_unix_nano"] == prev["end_time_unix_nano"]
+    # The final record arrives within udp_timeout (1 s) + poll (0.2 s) + slack.
+    arrival = cap.arrivals[cap.records.index(recs[-1])]
+    assert arrival - last_packet < 1.0 + 0.2 + 0.6
+    assert recs[0]["start_time_unix_nano"] / 1e9 >= sent_at - 0.5
+
+
+def test_shutdown_flushes_active_flows_as_forced_end(hosts, tmp_path: Path) -> None:
+    a, b = hosts.a, hosts.b
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path)))
+    b.run("python3", "-c", UDP_SEND, a.ip, "6001", "3", b.ip, "45000", "0")
+    assert cap.stop(signal.SIGINT) == 0
+    recs = cap.for_flow(**{"source.port": 45000})
+    assert [r["attributes"]["flow.end_reason"] for r in recs] == ["forced_end"]
+    assert totals(recs)[0] == 3
+
+
+def test_duration_ends_capture_and_detaches(hosts, tmp_path: Path) -> None:
+    a = hosts.a
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path)), "--duration", "1")
+    assert cap.wait(timeout=20) == 0
+    assert attached_programs(a) == []
+
+
+def attached_programs(host) -> list[str]:
+    """Names of our BPF programs attached anywhere: tc filters on the host's interface,
+    plus programs behind TCX links (bpftool 7.1 shows those as link type 11, without
+    the interface, so this counts all of them; tests run one capture at a time)."""
+    out = host.run("bpftool", "-j", "net", "show", "dev", host.ifname).stdout
+    found = [hook.get("name", "") for section in json.loads(out) for hook in section.get("tc", [])]
+    for link in json.loads(host.run("bpftool", "-j", "link", "show").stdout or "[]"):
+        if link.get("type") in (11, "tcx"):
+            prog = json.loads(
+                host.run("bpftool", "-j", "prog", "show", "id", str(link["prog_id"])).stdout
+            )
+            found.append(prog.get("name", ""))
+    return [name for name in found if name.startswith("mermin")]
+
+
+def tc_filters(host) -> str:
+    return "".join(
+        host.run("tc", "filter", "show", "dev", host.ifname, d).stdout
+        for d in ("ingress", "egress")
+    )
+
+
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_nothing_left_attached_after_sigterm(hosts, tmp_path: Path, mode: str) -> None:
+    a = hosts.a
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path)), "--attach", mode)
+    assert len(attached_programs(a)) == 2
+    assert cap.stop() == 0
+    assert attached_programs(a) == []
+    qdiscs = a.run("tc", "qdisc", "show", "dev", a.ifname).stdout
+    assert "clsact" not in qdiscs
+
+
+def test_sigkill_orphans_are_removed_by_next_run(hosts, tmp_path: Path) -> None:
+    a, b = hosts.a, hosts.b
+    cfg = str(write_config(tmp_path))
+    cap = start_capture(a, "-i", a.ifname, "-c", cfg, "--attach", "tc")
+    cap.stop(signal.SIGKILL)
+    assert "mermin_" in tc_filters(a)  # tc filters outlive a killed process
+    cap = start_capture(a, "-i", a.ifname, "-c", cfg, "--attach", "tc")
+    assert any("removed 2 filter(s)" in line for line in cap.stderr)
+    b.run("ping", "-c", "2", "-i", "0.2", a.ip)
+    assert cap.stop() == 0
+    echo = cap.for_flow(**{"source.address": b.ip, "network.transport": "icmp"})
+    assert totals(echo)[0] == 2  # counted once, by the new run only
+    assert tc_filters(a) == ""
+
+
+FOREIGN_FILTER = """
+from bcc import BPF
+from pyroute2 import IPRoute
+from mermin_cli.engine.kernel_headers import prepare_bcc_headers
+prepare_bcc_headers()
+prog = BPF(text="int foreign(struct __sk_buff *skb) { return -1; }")
+fd = prog.load_func(b"foreign", BPF.SCHED_CLS).fd
+with IPRoute() as ipr:
+    idx = ipr.link_lookup(ifname="IFNAME")[0]
+    ipr.tc("add", "clsact", idx)
+    ipr.tc("add-filter", "bpf", idx, 1, fd=fd, name="foreign", parent="ffff:fff2",
+           prio=1, direct_action=True)
+"""
+
+
+def test_foreign_clsact_and_filter_are_kept(hosts, tmp_path: Path) -> None:
+    """Another tool's clsact qdisc and cls_bpf filter at our priority survive our run."""
+    a, b = hosts.a, hosts.b
+    a.exec_python(FOREIGN_FILTER.replace("IFNAME", a.ifname))
+    assert "foreign" in tc_filters(a)
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path)), "--attach", "tc")
+    b.run("ping", "-c", "2", "-i", "0.2", a.ip)  # traffic still flows through both
+    assert cap.stop() == 0
+    filters = tc_filters(a)
+    assert "foreign" in filters and "mermin" not in filters
+    assert "clsact" in a.run("tc", "qdisc", "show", "dev", a.ifname).stdout
+    assert totals(cap.for_flow(**{"source.address": b.ip, "network.transport": "icmp"}))[0] == 2
+
+
+def test_interface_vanishing_mid_capture(hosts, tmp_path: Path) -> None:
+    a, b = hosts.a, hosts.b
+    # A second veth pair with both ends inside the test namespace; deleted mid-capture.
+    a.run("ip", "link", "add", "mvanish0", "type", "veth", "peer", "name", "mvanish1")
+    a.run("ip", "link", "set", "mvanish0", "up")
+    cap = start_capture(a, "-i", "mvanish0", "-i", a.ifname, "-c", str(write_config(tmp_path)))
+    a.run("ip", "link", "del", "mvanish0")
+    time.sleep(0.6)
+    b.run("ping", "-c", "1", a.ip)
+    assert cap.stop() == 0
+    assert any("mvanish0 disappeared" in line for line in cap.stderr), cap.stderr
+    assert totals(cap.for_flow(**{"source.address": b.ip}))[0] == 1
+
+
+def test_last_interface_vanishing_ends_capture_with_records(hosts, tmp_path: Path) -> None:
+    a = hosts.a
+    a.run("ip", "link", "add", "mvanish0", "type", "veth", "peer", "name", "mvanish1")
+    a.run("ip", "link", "set", "mvanish0", "up")
+    a.run("ip", "link", "set", "mvanish1", "up")
+    cap = start_capture(a, "-i", "mvanish0", "-c", str(write_config(tmp_path)))
+    a.run("ip", "link", "del", "mvanish0")
+    assert cap.wait(timeout=10) == 1
+    assert "Every captured interface has disappeared" in cap.stderr[-1]
+
+
+def run_cli(host, *args: str) -> subprocess.CompletedProcess[str]:
+    return host.run(MERMIN, *args, check=False)
+
+
+def test_pattern_matching_nothing_lists_interfaces(hosts, tmp_path: Path) -> None:
+    res = run_cli(hosts.a, "capture", "-i", "nosuch*", "-c", str(write_config(tmp_path)))
+    assert res.returncode == 2
+    assert "'nosuch*' matched nothing" in res.stderr
+    assert hosts.a.ifname in res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stdout == ""
+
+
+def test_unprivileged_capture_is_refused_cleanly(hosts, tmp_path: Path) -> None:
+    res = hosts.a.run(
+        "setpriv", "--inh-caps=-all", "--bounding-set=-all", "--",
+        MERMIN,
+        "capture", "-i", hosts.a.ifname, "-c", str(write_config(tmp_path)),
+        check=False,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "run it as root" in res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert attached_programs(hosts.a) == []
+
+
+def test_bad_format_is_a_usage_error(hosts) -> None:
+    res = run_cli(hosts.a, "capture", "--format", "xml")
+    assert res.returncode == 2
+    assert "--format must be one of text, json" in res.stderr
