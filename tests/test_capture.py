@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import communityid
 import pytest
 
 try:
@@ -120,6 +121,8 @@ def test_tcp_udp_icmp_match_tcpdump(link, tmp_path: Path, family: str) -> None:
         assert_deltas_sum_to_totals(recs)
         assert {r["kind"] for r in recs} == {kind}
         assert recs[0]["attributes"]["network.interface.name"] == a.ifname
+        tup = communityid.FlowTuple(proto, client[0], server[0], client[1], server[1])
+        assert recs[0]["attributes"]["flow.community_id"] == communityid.CommunityID().calc(tup)
         return recs
 
     tcp_in = check(proto_tcp, (b.ip, 41000), (a.ip, 8080), "server")
@@ -328,4 +331,73 @@ def test_unprivileged_capture_is_refused_cleanly(hosts, tmp_path: Path) -> None:
 def test_bad_format_is_a_usage_error(hosts) -> None:
     res = run_cli(hosts.a, "capture", "--format", "xml")
     assert res.returncode == 2
-    assert "--format must be one of text, json" in res.stderr
+    flat = " ".join(res.stderr.replace("│", " ").split())
+    assert "'xml' is not one of 'text', 'json'" in flat
+
+
+def test_l3_device_without_ethernet_header(l3_link, tmp_path: Path) -> None:
+    a, b = l3_link.a, l3_link.b
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path)))
+    try:
+        b.run("ping", "-c", "3", "-i", "0.2", "-s", "100", a.ip4)
+        b.run("python3", "-c", UDP_SEND, a.ip6, "7000", "2", b.ip6, "46000", "0")
+    finally:
+        assert cap.stop() == 0, "".join(cap.stderr)
+    echo = cap.for_flow(**{"source.address": b.ip4, "network.transport": "icmp"})
+    assert totals(echo) == (3, 3 * 128, 3, 3 * 128)  # 20 IP + 8 ICMP + 100 data
+    udp = cap.for_flow(**{"source.address": b.ip6, "source.port": 46000})
+    assert totals(udp)[:2] == (2, 2 * (40 + 8 + 100))
+    assert udp[0]["name"] == "flow_ipv6_udp"
+
+
+def test_busy_tcp_flow_is_not_cut_at_tcp_timeout(hosts, tmp_path: Path) -> None:
+    """Idle means no packets: a flow busier than tcp_timeout (2 s) stays one flow."""
+    a, b = hosts.a, hosts.b
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path, interval="60s")))
+    chatty = """
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 8081))
+for _ in range(10):
+    s.sendall(b"x" * 10); time.sleep(0.4)
+s.close()
+"""
+    try:
+        srv = a.popen("python3", "-c", TCP_SERVER, a.ip, "8081", "0", stdout=subprocess.PIPE)
+        assert srv.stdout.readline().strip() == "up"
+        b.run("python3", "-c", chatty, a.ip)
+        srv.communicate(timeout=10)
+        time.sleep(1.2)
+    finally:
+        assert cap.stop() == 0
+    recs = cap.for_flow(**{"destination.port": 8081})
+    assert reasons_of(recs) == ["end_of_flow_detected"]
+    assert recs[0]["attributes"]["flow.bytes.total"] > 10 * 10
+
+
+def reasons_of(records: list[dict]) -> list[str]:
+    return [r["attributes"]["flow.end_reason"] for r in records]
+
+
+def test_full_flow_table_is_reported_not_silent(hosts, tmp_path: Path) -> None:
+    a, b = hosts.a, hosts.b
+    extra = "pipeline {\n  flow_capture {\n    flow_stats_capacity = 8\n  }\n}\n"
+    cap = start_capture(a, "-i", a.ifname, "-c", str(write_config(tmp_path, extra=extra)))
+    burst = """
+import socket, sys
+for port in range(47000, 47012):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("", port))
+    s.sendto(b"z" * 10, (sys.argv[1], 9))
+"""
+    try:
+        b.run("python3", "-c", burst, a.ip)
+        time.sleep(2)
+    finally:
+        assert cap.stop() == 0
+    udp = [r for r in cap.records if 47000 <= r["attributes"]["source.port"] < 47012]
+    accounted = sum(r["attributes"]["flow.packets.delta"] for r in udp)
+    warnings = [line for line in cap.stderr if "flow table full (8 entries)" in line]
+    assert warnings, cap.stderr
+    not_accounted = sum(int(w.split(": ")[1].split()[0]) for w in warnings)
+    assert accounted + not_accounted >= 12  # the table may also hold ICMP replies
+    assert accounted < 12
+    assert "lack_of_resources" in reasons_of(cap.records)

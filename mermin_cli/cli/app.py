@@ -11,7 +11,9 @@ from typing import Annotated, Any
 import typer
 
 from mermin_cli import __version__
-from mermin_cli.errors import MerminError, UsageError
+from mermin_cli.engine.attach import AttachMode
+from mermin_cli.errors import MerminError
+from mermin_cli.output.formats import OutputFormat
 
 app = typer.Typer(
     name="mermin",
@@ -71,27 +73,29 @@ def capture(
     interface: InterfaceOpt = None,
     config: ConfigOpt = None,
     output_format: Annotated[
-        str, typer.Option("--format", "-o", help="Records on stdout: text or json (NDJSON).")
-    ] = "text",
+        OutputFormat,
+        typer.Option(
+            "--format", "-o", help="Records on stdout: text (aligned lines) or json (NDJSON)."
+        ),
+    ] = OutputFormat.text,
     duration: Annotated[
         float | None,
         typer.Option("--duration", help="Stop after this many seconds.", min=0.0),
     ] = None,
     attach: Annotated[
-        str, typer.Option("--attach", help="Hook mechanism: auto (TCX on >= 6.6), tcx or tc.")
-    ] = "auto",
+        AttachMode,
+        typer.Option(
+            "--attach",
+            help="Hook mechanism: TCX links (kernel >= 6.6), tc clsact filters, or auto.",
+        ),
+    ] = AttachMode.auto,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Capture flows and print a record per flow window (Ctrl-C flushes and stops)."""
     from mermin_cli.config.loader import load_config
-    from mermin_cli.engine.attach import MODES
-    from mermin_cli.output.formats import FORMATS, StreamWriter
+    from mermin_cli.output.formats import StreamWriter
     from mermin_cli.pipeline.capture import Capture, CaptureOptions
 
-    if output_format not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {output_format!r}.")
-    if attach not in MODES:
-        raise UsageError(f"--attach must be one of {', '.join(MODES)}, not {attach!r}.")
     cfg = load_config(
         config,
         overrides=_overrides(
@@ -100,8 +104,8 @@ def capture(
         ),
     )
     setup_logging(cfg.log_level)
-    writer = StreamWriter(sys.stdout, output_format)
-    Capture(cfg, writer, CaptureOptions(duration=duration, attach_mode=attach)).run()
+    writer = StreamWriter(sys.stdout, output_format.value)
+    Capture(cfg, writer, CaptureOptions(duration=duration, attach_mode=attach.value)).run()
 
 
 @app.command()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import fnmatch
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 
+from mermin_cli.config import values
 from mermin_cli.errors import UsageError
 
 ARPHRD_ETHER = 1
@@ -71,18 +70,12 @@ def list_interfaces(ipr: IPRoute | None = None) -> list[Interface]:
 
 
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
-    """Matcher for a literal name, a glob (`eth*`, `veth?`) or a `/regex/`."""
-    if len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/"):
-        try:
-            rx = re.compile(pattern[1:-1])
-        except re.error as exc:
-            raise UsageError(
-                f"Interface pattern {pattern!r} is not a valid regular expression ({exc})."
-            ) from exc
-        return lambda name: rx.fullmatch(name) is not None
-    if any(c in pattern for c in "*?["):
-        return lambda name: fnmatch.fnmatchcase(name, pattern)
-    return lambda name: name == pattern
+    """Matcher for a literal name, a glob (`eth*`, `veth?`, `{a,b}`) or a `/regex/` (searched)."""
+    try:
+        rx = values.compile_pattern(pattern)
+    except ValueError as exc:
+        raise UsageError(f"Interface pattern {pattern!r} is invalid: {exc}.") from exc
+    return lambda name: rx.search(name) is not None
 
 
 def match_interfaces(patterns: Iterable[str], interfaces: Iterable[Interface]) -> list[Interface]:

@@ -66,9 +66,9 @@ class FlowProgram:
             ) from exc
         self.load_seconds = time.monotonic() - started
         self.bpf_lib = bcc.libbcc.lib
-        self.flows = self.bpf["flows"]
+        self.flows = self.bpf[b"flows"]
         self.flows_fd: int = self.flows.map_fd
-        self._counters = self.bpf["counters"]
+        self._counters = self.bpf[b"counters"]
         key_size = ctypes.sizeof(self.flows.Key)
         value_size = ctypes.sizeof(self.flows.Leaf)
         if (key_size, value_size) != (layout.KEY_DTYPE.itemsize, layout.STATS_DTYPE.itemsize):

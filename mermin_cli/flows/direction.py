@@ -15,6 +15,7 @@ is, INTERNAL when neither is (forwarded or bridged traffic).
 from __future__ import annotations
 
 import ipaddress
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,6 @@ PROTO_TCP = 6
 PROTO_ICMP = 1
 PROTO_ICMPV6 = 58
 _TCP_LISTEN = "0A"
-_REFRESH_S = 10.0
 
 
 def _read_listening(proc: Path) -> set[int]:
@@ -72,12 +72,14 @@ class LocalHost:
     addresses: set[bytes] = field(default_factory=set)
     listening: set[int] = field(default_factory=set)
     ephemeral: tuple[int, int] = (32768, 60999)
-    _refreshed: float = -_REFRESH_S
+    refresh_interval: float = 10.0  # seconds; inf keeps what was given (tests)
+    _refreshed: float | None = None
 
     def refresh(self, force: bool = False) -> None:
-        """Re-read addresses and listeners, at most every few seconds unless forced."""
+        """Re-read addresses and listeners, at most every `refresh_interval` unless forced."""
         now = time.monotonic()
-        if not force and now - self._refreshed < _REFRESH_S:
+        last = self._refreshed if self._refreshed is not None else -math.inf
+        if not force and (self.refresh_interval == math.inf or now - last < self.refresh_interval):
             return
         self._refreshed = now
         self.addresses = _local_addresses()

@@ -109,12 +109,14 @@ class FlowTracker:
         self.records_emitted = 0
         self.zero_suppressed = 0
         self.evicted = 0
+        self.table_size = 0  # entries in the kernel table at the last poll
 
     # -- polling -------------------------------------------------------------------
 
     def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
         """One poll: records for idle, closing, due and (table nearly full) evicted flows."""
         keys, vals = self.table.read()
+        self.table_size = len(keys)
         now = time.monotonic_ns() if now_ns is None else now_ns
         self.host.refresh()
         offset = _clock_offset()

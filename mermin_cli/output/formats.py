@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import datetime, timezone
+from enum import Enum
 from typing import TextIO
 
 from mermin_cli.flows.record import FlowRecord
 
-FORMATS = ("text", "json")
+
+class OutputFormat(str, Enum):
+    """How `capture` prints records on stdout."""
+
+    text = "text"
+    json = "json"
 
 
 def to_json(record: FlowRecord) -> str:

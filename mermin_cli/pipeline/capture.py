@@ -125,8 +125,10 @@ class Capture:
                 )
                 table = FlowTable(program.flows_fd, capacity, program.bpf_lib)
                 tracker = FlowTracker(table, self.config.span, self.names.get)
-                self._loop(tracker, attacher)
+                health = KernelHealth(program, capacity)
+                self._loop(tracker, attacher, health)
                 self.writer.write(tracker.flush())
+                health.summary(tracker)
         except BrokenPipeError:
             # The reader went away (`| head`): stop quietly, still detaching below.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -137,7 +139,7 @@ class Capture:
         if self.failure:
             raise MerminError(self.failure)
 
-    def _loop(self, tracker: FlowTracker, attacher: Attacher) -> None:
+    def _loop(self, tracker: FlowTracker, attacher: Attacher, health: KernelHealth) -> None:
         interval = self.config.pipeline.flow_producer.flow_store_poll_interval
         deadline = (
             None if self.options.duration is None else time.monotonic() + self.options.duration
@@ -147,6 +149,7 @@ class Capture:
             if wait > 0 and self.stop.wait(wait):
                 break
             self.writer.write(tracker.poll())
+            health.check(tracker.table_size)
             self._forget_vanished(attacher)
             if deadline is not None and time.monotonic() >= deadline:
                 break
@@ -160,3 +163,43 @@ class Capture:
         if not attacher.attached:
             self.failure = "Every captured interface has disappeared; nothing left to capture."
             self.stop.set()
+
+
+class KernelHealth:
+    """Turns the kernel's loss counters into warnings, so loss is never silent."""
+
+    def __init__(self, program: FlowProgram, capacity: int) -> None:
+        self.program = program
+        self.capacity = capacity
+        self.seen = program.counters()
+        self.warned_usage = False
+
+    def check(self, table_size: int) -> None:
+        now = self.program.counters()
+        lost = now["map_full"] - self.seen["map_full"]
+        if lost:
+            log.warning(
+                "flow table full (%d entries): %d packets (%d bytes) were not accounted; "
+                "raise pipeline.flow_capture.flow_stats_capacity or shorten the span timeouts",
+                self.capacity,
+                lost,
+                now["map_full_bytes"] - self.seen["map_full_bytes"],
+            )
+        usage = table_size / self.capacity
+        if usage >= 0.8 and not self.warned_usage:
+            log.warning("flow table is %.0f%% full (%d entries)", usage * 100, self.capacity)
+        self.warned_usage = usage >= 0.8
+        self.seen = now
+
+    def summary(self, tracker: FlowTracker) -> None:
+        c = self.program.counters()
+        log.info(
+            "done: %d packets seen, %d flows, %d records; not accounted: %d packets "
+            "(table full), %d non-IP, %d truncated",
+            c["packets"],
+            c["new_flows"],
+            tracker.records_emitted,
+            c["map_full"],
+            c["non_ip"],
+            c["truncated"],
+        )

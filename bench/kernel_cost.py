@@ -1,0 +1,252 @@
+"""Per-packet kernel cost of bpf/flow.c, measured inside the kernel with BPF_PROG_TEST_RUN.
+
+Every frame kind runs through the ingress L2 program of flow.c and, round-robin in the same
+session, through an empty TC program (`return TC_ACT_UNSPEC`); the kernel reports the mean
+time per run of each test-run call, and the median of `--runs` calls is kept.
+
+* Hit path (a packet of a flow already in the table): `--repeat` runs per call.
+* First packet of a new flow (lookup miss + insert): repeating one frame would insert only
+  once, so flow.c is compiled a second time with a bench-only entry point that runs the
+  same `handle()` and then bumps the frame's IPv4 source address: every one of the
+  `--new-flows` runs of a call inserts a new flow (the table is emptied between calls).
+  The bump itself is timed alone and subtracted. The same wrapper bumping the IP ID
+  instead (every run a hit) must reproduce the hit row: that row checks the method.
+* Compile + load time of `FlowProgram` (median of `--loads`).
+
+Prints a markdown table and writes JSON to bench/results/kernel_cost.json. Set
+MERMIN_BPF_DIR to a directory holding a modified flow.c to measure that copy.
+
+    sudo .venv/bin/python bench/kernel_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dpkt
+
+from mermin_cli.engine import bpfsys
+from mermin_cli.engine.program import FlowProgram, bpf_source, import_bcc
+
+RESULTS = Path(__file__).resolve().parent / "results" / "kernel_cost.json"
+EMPTY_PROGRAM = b"int empty(struct __sk_buff *skb) { return -1; }"
+# Appended to flow.c for the new-flow measurement; offsets are those of an untagged IPv4 frame.
+BENCH_ENTRY_POINTS = b"""
+static __always_inline void bench_bump(struct __sk_buff *skb, __u32 off)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u16 *field = data + off;
+    if ((void *)(field + 1) <= data_end)
+        *field += 1;
+}
+int bench_new_flow(struct __sk_buff *skb) { handle(skb, 1, 0); bench_bump(skb, 28); return -1; }
+int bench_hit_write(struct __sk_buff *skb) { handle(skb, 1, 0); bench_bump(skb, 18); return -1; }
+int bench_write_only(struct __sk_buff *skb) { bench_bump(skb, 28); return -1; }
+"""
+HIT_TARGET, NEW_FLOW_TARGET = 3.0, 15.0
+
+ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q = 0x0800, 0x86DD, 0x8100
+
+
+def eth(payload: bytes, ethertype: int = ETH_P_IP, vlan: int = 0) -> bytes:
+    """Ethernet frame, with one 802.1Q tag when `vlan` is set."""
+    head = bytes.fromhex("020000000002020000000001")
+    if vlan:
+        head += ETH_P_8021Q.to_bytes(2, "big") + vlan.to_bytes(2, "big")
+    return head + ethertype.to_bytes(2, "big") + payload
+
+
+def ipv4(src: str, dst: str, l4: dpkt.Packet) -> bytes:
+    """IPv4 packet carrying `l4` (TCP, UDP or ICMP)."""
+    proto = {dpkt.tcp.TCP: 6, dpkt.udp.UDP: 17, dpkt.icmp.ICMP: 1}[type(l4)]
+    pkt = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=proto, data=l4)
+    pkt.len = len(pkt)
+    return bytes(pkt)
+
+
+def ipv6(src: str, dst: str, l4: dpkt.Packet) -> bytes:
+    """IPv6 packet carrying a TCP segment."""
+    pkt = dpkt.ip6.IP6(
+        src=socket.inet_pton(socket.AF_INET6, src),
+        dst=socket.inet_pton(socket.AF_INET6, dst),
+        nxt=6,
+        hlim=64,
+        data=l4,
+    )
+    pkt.plen = len(l4)
+    return bytes(pkt)
+
+
+def tcp_data(sport: int = 40000) -> dpkt.tcp.TCP:
+    """A data segment of an established connection."""
+    flags = dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH
+    return dpkt.tcp.TCP(sport=sport, dport=443, flags=flags, data=b"x" * 100)
+
+
+def hit_frames() -> dict[str, bytes]:
+    """One frame per hit-path kind (its flow is created before timing)."""
+    udp = dpkt.udp.UDP(sport=5353, dport=53, data=b"q" * 40)
+    udp.ulen = len(udp)
+    echo = dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo(id=7, seq=1, data=b"p" * 56))
+    return {
+        "ipv4_tcp": eth(ipv4("10.0.0.1", "10.0.0.2", tcp_data())),
+        "ipv4_udp": eth(ipv4("10.0.0.1", "10.0.0.2", udp)),
+        "ipv4_icmp_echo": eth(ipv4("10.0.0.1", "10.0.0.2", echo)),
+        "ipv6_tcp": eth(ipv6("2001:db8::1", "2001:db8::2", tcp_data()), ETH_P_IPV6),
+        "vlan_ipv4_tcp": eth(ipv4("10.0.0.1", "10.0.0.2", tcp_data(40001)), vlan=100),
+    }
+
+
+def run_ns(prog_fd: int, frame: bytes, repeat: int) -> int:
+    """Kernel-measured ns per run; the program must pass the frame on (TC_ACT_UNSPEC)."""
+    result = bpfsys.prog_test_run(prog_fd, frame, repeat)
+    if result.retval != -1:
+        raise RuntimeError(f"program returned {result.retval}, expected -1 (TC_ACT_UNSPEC)")
+    return result.duration_ns
+
+
+def load_times(count: int, max_flows: int) -> list[float]:
+    """Wall-clock seconds of `count` FlowProgram compile + load cycles."""
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        prog = FlowProgram(max_flows)
+        times.append(time.perf_counter() - started)
+        prog.close()
+    return times
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement; returns the JSON document."""
+    loads = load_times(args.loads, args.max_flows)
+    prog = FlowProgram(args.max_flows)
+    bcc = import_bcc()
+    source = bpf_source()
+    cflags = [f"-DMAX_FLOWS={args.max_flows}"]
+    bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
+    empty_bpf = bcc.BPF(text=EMPTY_PROGRAM)
+    frames = hit_frames()
+    tcp = frames["ipv4_tcp"]
+    try:
+        flow_fd = prog.prog_fd(l3=False, egress=False)
+        fds = {
+            name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
+            for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
+        }
+        empty_fd = empty_bpf.load_func(b"empty", bcc.BPF.SCHED_CLS).fd
+        for frame in frames.values():
+            run_ns(flow_fd, frame, 1)  # create the flows: later runs are hits
+        run_ns(fds["bench_hit_write"], tcp, 1)
+
+        def new_flows() -> int:
+            bench["flows"].clear()
+            return run_ns(fds["bench_new_flow"], tcp, args.new_flows)
+
+        timed: dict[str, Callable[[], int]] = {"empty": lambda: run_ns(empty_fd, tcp, args.repeat)}
+        for kind, frame in frames.items():
+            timed[kind] = lambda frame=frame: run_ns(flow_fd, frame, args.repeat)
+        timed["hit_write"] = lambda: run_ns(fds["bench_hit_write"], tcp, args.repeat)
+        timed["write_only"] = lambda: run_ns(fds["bench_write_only"], tcp, args.repeat)
+        timed["new_flow_write"] = new_flows
+        samples: dict[str, list[int]] = {kind: [] for kind in timed}
+        for _ in range(args.runs):
+            for kind, run in timed.items():
+                samples[kind].append(run())
+        inserted = len(bench["flows"])
+    finally:
+        bench.cleanup()
+        empty_bpf.cleanup()
+        prog.close()
+
+    if inserted != args.new_flows:
+        raise RuntimeError(f"{inserted} of {args.new_flows} bench runs inserted a flow")
+    med = {kind: statistics.median(values) for kind, values in samples.items()}
+    empty = med["empty"]
+    derived = {
+        "ipv4_tcp (method check)": med["hit_write"] - med["write_only"] + empty,
+        "new_flow": med["new_flow_write"] - med["write_only"] + empty,
+    }
+    rows = [{"kind": "empty", "ns": empty, "ratio": 1.0, "target": None}]
+    rows += [
+        {"kind": kind, "ns": med[kind], "ratio": med[kind] / empty, "target": HIT_TARGET}
+        for kind in frames
+    ]
+    rows += [
+        {
+            "kind": kind,
+            "ns": ns,
+            "ratio": ns / empty,
+            "target": NEW_FLOW_TARGET if kind == "new_flow" else None,
+        }
+        for kind, ns in derived.items()
+    ]
+    return {
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": str(source),
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "repeat": args.repeat,
+        "runs": args.runs,
+        "new_flows": args.new_flows,
+        "rows": rows,
+        "samples": samples,
+        "load_seconds": {"median": statistics.median(loads), "samples": loads},
+    }
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The results as a markdown table."""
+    lines = [
+        "| packet kind | ns/packet (median) | ratio vs empty | target |",
+        "|---|---:|---:|---|",
+    ]
+    for row in doc["rows"]:
+        target = row["target"]
+        verdict = ""
+        if target:
+            verdict = f"<= {target:g}x " + ("ok" if row["ratio"] <= target else "MISSED")
+        lines.append(f"| {row['kind']} | {row['ns']:.1f} | {row['ratio']:.2f}x | {verdict} |")
+    load = doc["load_seconds"]
+    lines.append("")
+    lines.append(
+        f"FlowProgram compile + load: {load['median']:.2f} s median of {len(load['samples'])}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=1_000_000, help="runs per test-run call")
+    parser.add_argument("--runs", type=int, default=7, help="calls per hit-path kind")
+    parser.add_argument("--new-flows", type=int, default=20_000, help="new flows per call")
+    parser.add_argument("--loads", type=int, default=5, help="compile + load cycles")
+    parser.add_argument("--max-flows", type=int, default=65_536, help="flow table capacity")
+    parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the JSON")
+    args = parser.parse_args(argv)
+    if not 0 < args.new_flows < min(args.max_flows, 65_536):
+        parser.error("--new-flows must be below --max-flows and 65536")
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: stable caches
+    doc = measure(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(table(doc))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
