@@ -43,8 +43,8 @@ def to_text(record: FlowRecord) -> str:
     transport = a["network.transport"]
     src = _endpoint(a["source.address"], a["source.port"], transport)
     dst = _endpoint(a["destination.address"], a["destination.port"], transport)
-    if transport in ("icmp", "icmpv6") and "flow.icmp.type.name" in a:
-        detail = a["flow.icmp.type.name"]
+    if transport in ("icmp", "icmpv6"):
+        detail = a.get("flow.icmp.type.name") or a.get("flow.reverse.icmp.type.name", "")
     elif "flow.tcp.flags.tags" in a:
         tags = sorted(set(a["flow.tcp.flags.tags"]) | set(a["flow.reverse.tcp.flags.tags"]))
         detail = a.get("flow.connection.state", "") + " [" + ",".join(tags) + "]"
