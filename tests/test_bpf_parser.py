@@ -401,9 +401,13 @@ def test_tcp_connection_meets_in_one_entry(kernel: Kernel, client: str, server: 
 def test_handshake_directions_and_times(kernel: Kernel) -> None:
     syn = ip4("10.0.0.2", "10.0.0.1", TCP, tcp(40000, 80, SYN | ECE | CWR))  # ECN setup SYN
     synack = ip4("10.0.0.1", "10.0.0.2", TCP, tcp(80, 40000, SYN | ACK | ECE))
-    for pkt in (syn, synack, syn, synack):  # retransmissions keep the first times
-        kernel.run(eth(pkt))
     fkey, d = key("10.0.0.2", "10.0.0.1", 40000, 80, TCP)
+    kernel.run(eth(syn))
+    kernel.run(eth(synack))
+    before = kernel.only_flow(fkey)
+    assert 0 < before["syn_ns"] < before["synack_ns"]
+    for pkt in (syn, synack):  # retransmissions keep the first times
+        kernel.run(eth(pkt))
     stats = kernel.only_flow(fkey)
     check(
         stats,
@@ -415,7 +419,9 @@ def test_handshake_directions_and_times(kernel: Kernel) -> None:
         synack_dir=1 - d,
         ttl=[64, 64],
     )
-    assert stats["first_ns"] == stats["syn_ns"] < stats["synack_ns"] < stats["last_ns"]
+    for field in ("first_ns", "syn_ns", "synack_ns"):
+        assert stats[field] == before[field]
+    assert stats["last_ns"] >= before["last_ns"]
 
 
 def test_synack_without_syn_names_the_server(kernel: Kernel) -> None:
@@ -599,7 +605,7 @@ def test_icmpv6_echo_meets_and_neighbour_discovery_pairs(kernel: Kernel) -> None
 
 def test_ipv6_tcp_and_udp(kernel: Kernel) -> None:
     a, b = "2001:db8::a", "2001:db8:1::b"
-    syn = ip6(a, b, TCP, tcp(33000, 443, SYN), tc=0xB8, flow=0xABCDE)
+    syn = ip6(a, b, TCP, tcp(33000, 443, SYN), tc=0xB9, flow=0xABCDE)
     synack = ip6(b, a, TCP, tcp(443, 33000, SYN | ACK, b"z" * 10), hlim=55, flow=0x12345)
     query = ip6(a, b, UDP, udp(40001, 53, b"q" * 20), hlim=1)
     for pkt in (syn, synack, query):
@@ -616,7 +622,7 @@ def test_ipv6_tcp_and_udp(kernel: Kernel) -> None:
         syn_dir=d,
         synack_dir=1 - d,
         ttl=per_dir(d, 64, 55),
-        tos=per_dir(d, 0xB8, 0),
+        tos=per_dir(d, 0xB9, 0),
         flow_label=per_dir(d, 0xABCDE, 0x12345),
     )
     ukey, d = key(a, b, 40001, 53, UDP)
@@ -691,20 +697,23 @@ def test_ipv6_non_first_fragment_stops_the_header_walk(kernel: Kernel) -> None:
     kernel.assert_counters(packets=1, new_flows=1, fragment=1)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="flow.c bug: the extension-header limit is reported as a fragment (counter "
+    "`fragment` and FLOW_F_FRAGMENT, hence flow.ip.fragmented=true) although it is none",
+)
 def test_ipv6_more_extension_headers_than_walked(kernel: Kernel) -> None:
     chain = ext(DSTOPTS) + ext(ROUTING) + ext(DSTOPTS) + ext(DSTOPTS) + ext(TCP)
     pkt = ip6("2001:db8::1", "2001:db8::2", HOPOPTS, chain + tcp(1234, 22, SYN))
     kernel.run(eth(pkt, ETH_P_IPV6))
-    # The fifth header is where the walk stops: it becomes the protocol, without ports, and
-    # the entry is flagged like a fragment ("transport header not reached").
+    # The walk stops at the fifth header: it becomes the protocol, without ports.
     check(
         kernel.only_flow(key("2001:db8::1", "2001:db8::2", 0, 0, DSTOPTS)[0]),
         packets=[1, 0],
         bytes=[len(pkt), 0],
         ttl=[64, 0],
-        flags=FLOW_F_FRAGMENT,
     )
-    kernel.assert_counters(packets=1, new_flows=1, ipv6_ext_limit=1, fragment=1)
+    kernel.assert_counters(packets=1, new_flows=1, ipv6_ext_limit=1)
 
 
 # --- IPv4 header variants ------------------------------------------------------------------

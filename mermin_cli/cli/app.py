@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +12,7 @@ import typer
 from mermin_cli import __version__
 from mermin_cli.engine.attach import AttachMode
 from mermin_cli.errors import MerminError
+from mermin_cli.logs import setup_logging
 from mermin_cli.output.formats import OutputFormat
 
 app = typer.Typer(
@@ -22,14 +22,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-LOG_LEVELS = {
-    "trace": logging.DEBUG,
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-}
 
 ConfigOpt = Annotated[
     Path | None,
@@ -53,15 +45,6 @@ LogLevelOpt = Annotated[
         "--log-level", "-l", help="trace, debug, info, warn or error (env MERMIN_LOG_LEVEL)."
     ),
 ]
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=LOG_LEVELS.get(level.lower(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def _overrides(**values: Any) -> dict[str, Any]:
@@ -96,16 +79,15 @@ def capture(
     from mermin_cli.output.formats import StreamWriter
     from mermin_cli.pipeline.capture import Capture, CaptureOptions
 
-    cfg = load_config(
-        config,
-        overrides=_overrides(
-            log_level=log_level,
-            **{"discovery.instrument.interfaces": tuple(interface) if interface else None},
-        ),
+    overrides = _overrides(
+        log_level=log_level,
+        **{"discovery.instrument.interfaces": tuple(interface) if interface else None},
     )
+    cfg = load_config(config, overrides=overrides)
     setup_logging(cfg.log_level)
     writer = StreamWriter(sys.stdout, output_format.value)
-    Capture(cfg, writer, CaptureOptions(duration=duration, attach_mode=attach.value)).run()
+    options = CaptureOptions(duration=duration, attach_mode=attach.value)
+    Capture(cfg, writer, options, reload=lambda: load_config(config, overrides=overrides)).run()
 
 
 @app.command()

@@ -1,18 +1,25 @@
-"""Network interfaces of this namespace and the patterns that select them."""
+"""Network interfaces of this namespace, the patterns that select them and the programs
+already on their TC hooks."""
 
 from __future__ import annotations
 
 import difflib
+import errno
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from mermin_cli.config import values
+from mermin_cli.engine import bpfsys
 from mermin_cli.errors import UsageError
 
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
+TCA_BPF_ID = 11  # cls_bpf option carrying the program id
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,9 @@ class Interface:
     mac: str
     link_type: int  # ARPHRD_*
     addresses: tuple[str, ...] = ()
+    peer_index: int | None = None  # veth: ifindex of the other end (IFLA_LINK)
+    peer_netnsid: int | None = None  # veth: netns id of the other end, if in another netns
+    master: str | None = None  # bridge (or bond, VRF) this link is enslaved to
 
     @property
     def l3(self) -> bool:
@@ -49,20 +59,28 @@ def list_interfaces(ipr: IPRoute | None = None) -> list[Interface]:
         addrs: dict[int, list[str]] = {}
         for a in ipr.get_addr():
             addrs.setdefault(a["index"], []).append(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-        links = [
-            Interface(
-                index=m["index"],
-                name=m.get_attr("IFLA_IFNAME"),
-                kind=_kind(m),
-                state=m.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
-                up=bool(m["flags"] & 1),
-                mtu=m.get_attr("IFLA_MTU") or 0,
-                mac=m.get_attr("IFLA_ADDRESS") or "",
-                link_type=m["ifi_type"],
-                addresses=tuple(addrs.get(m["index"], ())),
+        msgs = ipr.get_links()
+        names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
+        links = []
+        for m in msgs:
+            kind = _kind(m)
+            veth = kind == "veth"
+            links.append(
+                Interface(
+                    index=m["index"],
+                    name=m.get_attr("IFLA_IFNAME"),
+                    kind=kind,
+                    state=m.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
+                    up=bool(m["flags"] & 1),
+                    mtu=m.get_attr("IFLA_MTU") or 0,
+                    mac=m.get_attr("IFLA_ADDRESS") or "",
+                    link_type=m["ifi_type"],
+                    addresses=tuple(addrs.get(m["index"], ())),
+                    peer_index=m.get_attr("IFLA_LINK") if veth else None,
+                    peer_netnsid=m.get_attr("IFLA_LINK_NETNSID") if veth else None,
+                    master=names.get(m.get_attr("IFLA_MASTER")),
+                )
             )
-            for m in ipr.get_links()
-        ]
     finally:
         if own:
             ipr.close()
@@ -91,6 +109,15 @@ def close_matches(pattern: str, interfaces: Iterable[Interface]) -> list[str]:
     return difflib.get_close_matches(stem, names, n=3, cutoff=0.5)
 
 
+def unmatched_warning(pattern: str, interfaces: list[Interface]) -> str | None:
+    """The warning for a pattern that selects none of `interfaces` (with close names), or None."""
+    if match_interfaces([pattern], interfaces):
+        return None
+    hint = close_matches(pattern, interfaces)
+    suggestion = f" (did you mean {', '.join(hint)}?)" if hint else ""
+    return f"Interface pattern {pattern!r} did not match any interfaces{suggestion}"
+
+
 def default_route_interfaces(ipr: IPRoute | None = None) -> list[int]:
     """Indexes of the interfaces holding an IPv4 or IPv6 default route."""
     own = ipr is None
@@ -108,3 +135,98 @@ def default_route_interfaces(ipr: IPRoute | None = None) -> list[int]:
         if own:
             ipr.close()
     return found
+
+
+@dataclass(frozen=True)
+class TcProgram:
+    """A program on one TC hook: a TCX chain member or a clsact filter (any classifier)."""
+
+    hook: str  # ingress | egress
+    mechanism: str  # tcx | tc
+    name: str  # program name (tcx) or filter name (tc, TCA_BPF_NAME); "" if none
+    prog_id: int | None  # kernel program id; None for a classifier that is not BPF
+    ours: bool  # named by mermin (NAME_PREFIX)
+    order: int | None = None  # tcx: 1-based position in the chain (1 runs first)
+    revision: int | None = None  # tcx: the hook's revision, changed by every (de)attach
+    priority: int | None = None  # tc: filter priority (lower runs first)
+    handle: int | None = None  # tc: filter handle
+    kind: str | None = None  # tc: classifier kind (bpf, u32, flower, ...)
+
+    @property
+    def label(self) -> str:
+        """Short form for tables: `tcx#1 mermin_ing_l2 (ours)`, `tc prio 1 foreign`."""
+        where = f"tcx#{self.order}" if self.mechanism == "tcx" else f"tc prio {self.priority}"
+        text = f"{where} {self.name or self.kind}"
+        return f"{text} (ours)" if self.ours else text
+
+
+def tc_programs(ifindex: int, ipr: IPRoute | None = None) -> list[TcProgram]:
+    """Programs on the ingress and egress TC hooks of `ifindex`: TCX chains, then filters.
+
+    Raises PermissionError without CAP_BPF/CAP_NET_ADMIN (the kernel hides TCX chains).
+    """
+    from mermin_cli.engine.attach import NAME_PREFIX, PARENT  # attach imports this module
+
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    found: list[TcProgram] = []
+    try:
+        for egress, parent in PARENT.items():
+            hook = "egress" if egress else "ingress"
+            ids, revision = _tcx_chain(ifindex, egress)
+            for order, pid in enumerate(ids, 1):
+                name = _prog_name(pid)
+                if name is not None:
+                    ours = name.startswith(NAME_PREFIX)
+                    found.append(TcProgram(hook, "tcx", name, pid, ours, order, revision))
+            for filt in _filters(ipr, ifindex, parent):
+                opts = filt.get_attr("TCA_OPTIONS")
+                name = (opts.get_attr("TCA_BPF_NAME") if opts else None) or ""
+                pid = _bpf_prog_id(opts) if opts else None
+                ours = name.startswith(NAME_PREFIX)
+                prio, handle, kind = filt["info"] >> 16, filt["handle"], filt.get_attr("TCA_KIND")
+                found.append(
+                    TcProgram(hook, "tc", name, pid, ours, priority=prio, handle=handle, kind=kind)
+                )
+    finally:
+        if own:
+            ipr.close()
+    return found
+
+
+def _tcx_chain(ifindex: int, egress: bool) -> tuple[list[int], int | None]:
+    """Program ids on a TCX hook; none on kernels without TCX or for a vanished link."""
+    try:
+        return bpfsys.tcx_query(ifindex, egress)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENODEV):
+            return [], None
+        raise
+
+
+def _prog_name(prog_id: int) -> str | None:
+    """A program's name, or None when it was unloaded meanwhile."""
+    try:
+        return bpfsys.prog_name(prog_id)
+    except FileNotFoundError:
+        return None
+
+
+def _bpf_prog_id(opts: Any) -> int | None:
+    """TCA_BPF_ID of a cls_bpf filter; pyroute2 leaves it undecoded, so read the raw attribute."""
+    for name, nla in opts["attrs"]:
+        if name == "TCA_BPF_ID":
+            return int(nla)
+        if name == "UNKNOWN" and nla["header"]["type"] == TCA_BPF_ID:
+            return int(struct.unpack_from("I", nla.data, nla.offset + 4)[0])
+    return None
+
+
+def _filters(ipr: IPRoute, ifindex: int, parent: int) -> list[Any]:
+    """The filters under one clsact parent (none without a clsact qdisc)."""
+    try:
+        return [f for f in ipr.get_filters(index=ifindex, parent=parent) if f["handle"]]
+    except NetlinkError as exc:
+        if exc.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+            return []
+        raise

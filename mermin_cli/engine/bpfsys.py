@@ -1,4 +1,4 @@
-"""The few bpf(2) commands BCC does not wrap: TCX links, test runs, lookup-and-delete.
+"""The few bpf(2) commands BCC does not wrap: TCX links and queries, test runs, lookup-and-delete.
 
 `union bpf_attr` is built as a zeroed byte buffer with fields packed at their UAPI
 offsets; the kernel requires every unused byte to be zero.
@@ -17,13 +17,17 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
 
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
 BPF_F_BEFORE = 1 << 3
 BPF_F_AFTER = 1 << 4
+BPF_MPROG_MAX = 64  # most programs one TCX hook can hold
+BPF_OBJ_NAME_LEN = 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -59,8 +63,23 @@ def tcx_link_create(prog_fd: int, ifindex: int, egress: bool, first: bool = True
     return _bpf(BPF_LINK_CREATE, attr)
 
 
-def prog_id(prog_fd: int) -> int:
-    """Kernel id of a loaded program (what bpftool and `mermin interfaces` show)."""
+def tcx_query(ifindex: int, egress: bool) -> tuple[list[int], int]:
+    """Ids of the programs on a TCX hook in chain order, and the hook's revision."""
+    ids = (ctypes.c_uint32 * BPF_MPROG_MAX)()
+    attr = _attr(
+        64,
+        (0, "I", ifindex),
+        (4, "I", BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS),
+        (16, "Q", ctypes.addressof(ids)),
+        (24, "I", BPF_MPROG_MAX),
+    )
+    _bpf(BPF_PROG_QUERY, attr)
+    count, revision = struct.unpack_from("I", attr, 24)[0], struct.unpack_from("Q", attr, 56)[0]
+    return list(ids[:count]), int(revision)
+
+
+def _prog_info(prog_fd: int) -> ctypes.Array[ctypes.c_char]:
+    """struct bpf_prog_info of a loaded program (id at offset 4, name at 64)."""
     info = ctypes.create_string_buffer(256)
     attr = _attr(
         16,
@@ -69,7 +88,22 @@ def prog_id(prog_fd: int) -> int:
         (8, "Q", ctypes.addressof(info)),
     )
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
-    return int(struct.unpack_from("I", info, 4)[0])
+    return info
+
+
+def prog_id(prog_fd: int) -> int:
+    """Kernel id of a loaded program (what bpftool and `mermin interfaces` show)."""
+    return int(struct.unpack_from("I", _prog_info(prog_fd), 4)[0])
+
+
+def prog_name(prog_id: int) -> str:
+    """Name of the loaded program with kernel id `prog_id` (as truncated by the kernel)."""
+    fd = _bpf(BPF_PROG_GET_FD_BY_ID, _attr(16, (0, "I", prog_id)))
+    try:
+        name = _prog_info(fd).raw[64 : 64 + BPF_OBJ_NAME_LEN]
+    finally:
+        os.close(fd)
+    return name.split(b"\0", 1)[0].decode(errors="replace")
 
 
 @dataclass(frozen=True)

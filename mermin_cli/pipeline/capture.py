@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,12 +19,14 @@ from mermin_cli.discovery.interfaces import (
     list_interfaces,
     match_interfaces,
 )
+from mermin_cli.discovery.watch import LinkWatcher
 from mermin_cli.engine.attach import Attacher
 from mermin_cli.engine.privileges import require_capture_privileges
 from mermin_cli.engine.program import FlowProgram, import_bcc
 from mermin_cli.errors import MerminError, UsageError
 from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
+from mermin_cli.logs import set_level
 from mermin_cli.output.formats import StreamWriter
 
 log = logging.getLogger("mermin.capture")
@@ -67,14 +69,17 @@ def select_interfaces(patterns: tuple[str, ...], links: list[Interface]) -> list
 
 
 @contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Ctrl-C and SIGTERM end the capture cleanly (flush, detach) instead of killing it."""
+def _handle_signals(stop: threading.Event, hup: threading.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the capture cleanly (flush, detach); SIGHUP asks for a reload."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def handler(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            hup.set()
+            return
         log.info("received %s, finishing", signal.Signals(signum).name)
         stop.set()
 
@@ -87,22 +92,93 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+class Hooks:
+    """The interfaces we are attached to, kept in step with the patterns and the host.
+
+    `reconcile()` is called from the netlink watcher thread and from the poll loop, so
+    everything that touches the attacher holds the lock.
+    """
+
+    def __init__(self, attacher: Attacher, patterns: tuple[str, ...], auto_discover: bool) -> None:
+        self.attacher = attacher
+        self.patterns = patterns
+        self.auto_discover = auto_discover
+        self.names: dict[int, str] = {}
+        self.failure: str | None = None
+        self._lock = threading.Lock()
+        self._failed: set[int] = set()  # attach failed: retried while discovery runs
+
+    def start(self) -> list[Interface]:
+        """Attach to the initial selection (an error if it is empty)."""
+        chosen = select_interfaces(self.patterns, list_interfaces())
+        if not self.patterns:  # default-route interfaces: keep to exactly those
+            self.patterns = tuple(i.name for i in chosen)
+        with self._lock:
+            for iface in chosen:
+                self.attacher.remove_orphans(iface)
+                self._attach(iface, fatal=not self.auto_discover)
+        return chosen
+
+    def reconcile(self) -> None:
+        """Forget vanished interfaces; with auto-discovery, attach new matching ones."""
+        links = list_interfaces()
+        with self._lock:
+            present = {i.index: i for i in links}
+            for ifindex in [i for i in self.attacher.attached if i not in present]:
+                log.warning("interface %s disappeared", self.names.get(ifindex, ifindex))
+                self.attacher.detach(ifindex)
+            self._failed &= present.keys()
+            if self.auto_discover:
+                for iface in match_interfaces(self.patterns, links):
+                    if iface.index not in self.attacher.attached:
+                        self._attach(iface, fatal=False)
+            if not self.attacher.attached and not self.auto_discover:
+                self.failure = "Every captured interface has disappeared; nothing left to capture."
+
+    def set_patterns(self, patterns: tuple[str, ...]) -> None:
+        """New patterns (config reload): detach what no longer matches, attach the rest."""
+        with self._lock:
+            self.patterns = patterns or self.patterns
+            keep = {i.index for i in match_interfaces(self.patterns, list_interfaces())}
+            for ifindex in [i for i in self.attacher.attached if i not in keep]:
+                self.attacher.detach(ifindex)
+        self.reconcile()
+
+    def _attach(self, iface: Interface, fatal: bool) -> None:
+        try:
+            self.attacher.attach(iface)
+        except MerminError as exc:
+            if fatal:
+                raise
+            if iface.index not in self._failed:
+                log.warning("%s; will retry while the interface exists", exc)
+            self._failed.add(iface.index)
+            return
+        self._failed.discard(iface.index)
+        self.names[iface.index] = iface.name
+
+
 class Capture:
     """One capture run from attach to the last record."""
 
-    def __init__(self, config: Config, writer: StreamWriter, options: CaptureOptions) -> None:
+    def __init__(
+        self,
+        config: Config,
+        writer: StreamWriter,
+        options: CaptureOptions,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
         self.writer = writer
         self.options = options
+        self.reload = reload
         self.stop = threading.Event()
-        self.names: dict[int, str] = {}
-        self.failure: str | None = None
+        self.hup = threading.Event()
 
     def run(self) -> None:
         require_capture_privileges()
         import_bcc()
         instrument = self.config.discovery.instrument
-        chosen = select_interfaces(tuple(instrument.interfaces), list_interfaces())
         capacity = self.config.pipeline.flow_capture.flow_stats_capacity
         program = FlowProgram(capacity)
         attacher = Attacher(
@@ -111,12 +187,13 @@ class Capture:
             tc_priority=instrument.tc_priority,
             first=instrument.tcx_order == "first",
         )
+        hooks = Hooks(attacher, tuple(instrument.interfaces), instrument.auto_discover_interfaces)
+        watcher = LinkWatcher(hooks.reconcile) if hooks.auto_discover else None
         try:
-            with _stop_on_signals(self.stop):
-                for iface in chosen:
-                    attacher.remove_orphans(iface)
-                    attacher.attach(iface)
-                    self.names[iface.index] = iface.name
+            with _handle_signals(self.stop, self.hup):
+                chosen = hooks.start()
+                if watcher:
+                    watcher.start()
                 log.info(
                     "capturing on %s (%s); program loaded in %.2fs",
                     ", ".join(i.name for i in chosen),
@@ -124,9 +201,9 @@ class Capture:
                     program.load_seconds,
                 )
                 table = FlowTable(program.flows_fd, capacity, program.bpf_lib)
-                tracker = FlowTracker(table, self.config.span, self.names.get)
+                tracker = FlowTracker(table, self.config.span, hooks.names.get)
                 health = KernelHealth(program, capacity)
-                self._loop(tracker, attacher, health)
+                self._loop(tracker, hooks, health)
                 self.writer.write(tracker.flush())
                 health.summary(tracker)
         except BrokenPipeError:
@@ -134,35 +211,56 @@ class Capture:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
         finally:
+            if watcher:
+                watcher.stop()
             attacher.close()
             program.close()
-        if self.failure:
-            raise MerminError(self.failure)
+        if hooks.failure:
+            raise MerminError(hooks.failure)
 
-    def _loop(self, tracker: FlowTracker, attacher: Attacher, health: KernelHealth) -> None:
-        interval = self.config.pipeline.flow_producer.flow_store_poll_interval
+    def _loop(self, tracker: FlowTracker, hooks: Hooks, health: KernelHealth) -> None:
         deadline = (
             None if self.options.duration is None else time.monotonic() + self.options.duration
         )
         while not self.stop.is_set():
+            interval = self.config.pipeline.flow_producer.flow_store_poll_interval
             wait = interval if deadline is None else min(interval, deadline - time.monotonic())
             if wait > 0 and self.stop.wait(wait):
                 break
+            if self.hup.is_set():
+                self.hup.clear()
+                self._reload(tracker, hooks)
             self.writer.write(tracker.poll())
             health.check(tracker.table_size)
-            self._forget_vanished(attacher)
+            hooks.reconcile()
+            if hooks.failure:
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 break
 
-    def _forget_vanished(self, attacher: Attacher) -> None:
-        """Interfaces deleted under us: the kernel dropped the hooks; forget them, go on."""
-        present = {i.index for i in list_interfaces()}
-        for ifindex in [i for i in attacher.attached if i not in present]:
-            log.warning("interface %s disappeared", self.names.get(ifindex, ifindex))
-            attacher.detach(ifindex)
-        if not attacher.attached:
-            self.failure = "Every captured interface has disappeared; nothing left to capture."
-            self.stop.set()
+    def _reload(self, tracker: FlowTracker, hooks: Hooks) -> None:
+        """SIGHUP: apply a new config if it is valid, else keep the running one."""
+        if not self.config.auto_reload or self.reload is None:
+            log.warning("SIGHUP ignored: auto_reload is off")
+            return
+        try:
+            new = self.reload()
+        except MerminError as exc:
+            log.warning("config reload refused, keeping the running config: %s", exc)
+            return
+        if _restart_only(new) != _restart_only(self.config):
+            log.warning("flow_capture sizes and tc_priority take effect at the next start")
+        set_level(new.log_level)
+        tracker.span = new.span
+        hooks.set_patterns(tuple(new.discovery.instrument.interfaces))
+        self.config = new
+        log.info("configuration reloaded")
+
+
+def _restart_only(config: Config) -> tuple[object, ...]:
+    """Settings fixed while running (map sizes are set at load, hooks at attach)."""
+    instrument = config.discovery.instrument
+    return (config.pipeline.flow_capture, instrument.tc_priority, instrument.tcx_order)
 
 
 class KernelHealth:

@@ -1,0 +1,52 @@
+"""Netlink link events: learn at once when interfaces appear, go up, or vanish."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import threading
+from collections.abc import Callable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+log = logging.getLogger("mermin.discovery")
+
+
+class LinkWatcher(threading.Thread):
+    """Calls `on_change()` after every batch of RTM_NEWLINK/RTM_DELLINK messages.
+
+    The callback re-reads the whole link list (it never trusts a single message), so a
+    socket overrun (ENOBUFS) is handled the same way: resynchronise.
+    """
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        super().__init__(name="mermin-links", daemon=True)
+        self.on_change = on_change
+        self._done = threading.Event()
+        self._ipr = IPRoute()
+        self._ipr.bind(groups=RTMGRP_LINK)
+
+    def run(self) -> None:
+        try:
+            while not self._done.is_set():
+                ready, _, _ = select.select([self._ipr], [], [], 0.25)
+                if not ready:
+                    continue
+                try:
+                    self._ipr.get()
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    log.debug("netlink overrun; resynchronising the interface list")
+                self.on_change()
+        except Exception:  # keep capturing with what is attached; say why discovery stopped
+            log.exception("interface discovery stopped")
+        finally:
+            self._ipr.close()
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join(timeout=2)
