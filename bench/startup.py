@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import netns  # noqa: E402
+import netns
 
 MERMIN = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "mermin")
 

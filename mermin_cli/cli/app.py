@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from mermin_cli import __version__
-from mermin_cli.engine.attach import AttachMode
+from mermin_cli.engine.hooks import AttachMode
 from mermin_cli.errors import MerminError
 from mermin_cli.logs import setup_logging
 from mermin_cli.output.formats import OutputFormat
@@ -96,12 +96,22 @@ def interfaces(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON for scripts.")] = False,
 ) -> None:
-    """List interfaces that can be captured and which patterns select them."""
+    """List interfaces that can be captured, which patterns select them and their TC programs."""
+    from dataclasses import asdict
+
+    from pyroute2 import IPRoute
     from rich.console import Console
     from rich.table import Table
 
     from mermin_cli.config.loader import load_config
-    from mermin_cli.discovery.interfaces import compile_pattern, list_interfaces
+    from mermin_cli.discovery.interfaces import (
+        TcProgram,
+        compile_pattern,
+        hooks_summary,
+        list_interfaces,
+        tc_programs,
+        unmatched_warning,
+    )
 
     cfg = load_config(
         config,
@@ -111,38 +121,64 @@ def interfaces(
     )
     patterns = tuple(cfg.discovery.instrument.interfaces)
     matchers = [(p, compile_pattern(p)) for p in patterns]
-    rows = [
-        {
-            "index": i.index,
-            "name": i.name,
-            "kind": i.kind,
-            "state": i.state,
-            "mtu": i.mtu,
-            "mac": i.mac,
-            "l3": i.l3,
-            "addresses": list(i.addresses),
-            "matched_by": [p for p, m in matchers if m(i.name)],
-        }
-        for i in list_interfaces()
-    ]
+    with IPRoute() as ipr:
+        links = list_interfaces(ipr)
+        try:
+            hooks: dict[int, list[TcProgram]] | None = {
+                i.index: tc_programs(i.index, ipr) for i in links
+            }
+        except PermissionError:
+            hooks = None
+            typer.echo(
+                "mermin: warning: listing the programs on TC hooks needs root "
+                "(CAP_SYS_ADMIN, CAP_NET_ADMIN); run it as root to see them.",
+                err=True,
+            )
+    for pattern in patterns:
+        warning = unmatched_warning(pattern, links)
+        if warning:
+            typer.echo(f"mermin: warning: {warning}.", err=True)
+    matched = {i.index: [p for p, m in matchers if m(i.name)] for i in links}
     if as_json:
+        rows = [
+            {
+                "index": i.index,
+                "name": i.name,
+                "kind": i.kind,
+                "state": i.state,
+                "mtu": i.mtu,
+                "mac": i.mac,
+                "l3": i.l3,
+                "addresses": list(i.addresses),
+                "peer": None
+                if i.peer_index is None
+                else {"ifindex": i.peer_index, "netns_id": i.peer_netnsid},
+                "master": i.master,
+                "matched_by": matched[i.index],
+                "tc_programs": None if hooks is None else [asdict(t) for t in hooks[i.index]],
+            }
+            for i in links
+        ]
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(box=None, header_style="bold")
-    for col in ("INDEX", "NAME", "KIND", "STATE", "MTU", "MAC", "ADDRESSES", "MATCHED BY"):
+    columns = ("INDEX", "NAME", "KIND", "STATE", "MTU", "MAC", "ADDRESSES", "PEER", "MATCHED BY")
+    for col in (*columns, "TC HOOKS"):
         table.add_column(col)
-    for r in rows:
+    for i in links:
         table.add_row(
-            str(r["index"]),
-            r["name"],
-            r["kind"],
-            r["state"],
-            str(r["mtu"]),
-            r["mac"],
-            "\n".join(r["addresses"]),
-            ", ".join(r["matched_by"]),
+            str(i.index),
+            i.name,
+            i.kind + (f"\nmaster {i.master}" if i.master else ""),
+            i.state,
+            str(i.mtu),
+            i.mac,
+            "\n".join(i.addresses),
+            i.peer_label,
+            ", ".join(matched[i.index]),
+            "(needs root)" if hooks is None else hooks_summary(hooks[i.index]),
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # pipes: whole lines
 
 
 @app.command()

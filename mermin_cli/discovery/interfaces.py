@@ -15,6 +15,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from mermin_cli.config import values
 from mermin_cli.engine import bpfsys
+from mermin_cli.engine.hooks import NAME_PREFIX, PARENT
 from mermin_cli.errors import UsageError
 
 ARPHRD_ETHER = 1
@@ -43,6 +44,14 @@ class Interface:
     def l3(self) -> bool:
         """True for devices whose packets start at the IP header (tun, wireguard, ipip)."""
         return self.link_type not in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+
+    @property
+    def peer_label(self) -> str:
+        """The veth peer for tables: `index 7`, or `index 2, netns 0` in another namespace."""
+        if self.peer_index is None:
+            return ""
+        where = "" if self.peer_netnsid is None else f", netns {self.peer_netnsid}"
+        return f"index {self.peer_index}{where}"
 
 
 def _kind(msg: object) -> str:
@@ -160,12 +169,19 @@ class TcProgram:
         return f"{text} (ours)" if self.ours else text
 
 
+def hooks_summary(programs: Iterable[TcProgram]) -> str:
+    """One line per hook: `ingress: tcx#1 mermin_ing_l2 (ours), tc prio 1 foreign`."""
+    by_hook: dict[str, list[str]] = {}
+    for prog in programs:
+        by_hook.setdefault(prog.hook, []).append(prog.label)
+    return "\n".join(f"{hook}: {', '.join(labels)}" for hook, labels in by_hook.items())
+
+
 def tc_programs(ifindex: int, ipr: IPRoute | None = None) -> list[TcProgram]:
     """Programs on the ingress and egress TC hooks of `ifindex`: TCX chains, then filters.
 
-    Raises PermissionError without CAP_BPF/CAP_NET_ADMIN (the kernel hides TCX chains).
+    Raises PermissionError unless root (CAP_SYS_ADMIN, CAP_NET_ADMIN): the kernel hides them.
     """
-    from mermin_cli.engine.attach import NAME_PREFIX, PARENT  # attach imports this module
 
     own = ipr is None
     ipr = ipr or IPRoute()

@@ -17,29 +17,17 @@ import os
 import platform
 import re
 from dataclasses import dataclass, field
-from enum import Enum
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from mermin_cli.discovery.interfaces import Interface
 from mermin_cli.engine import bpfsys
+from mermin_cli.engine.hooks import NAME_PREFIX, PARENT, TC_HANDLE
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError
 
 log = logging.getLogger("mermin.engine")
-
-NAME_PREFIX = "mermin_"
-TC_HANDLE = 0x6D72  # "mr": identifies our cls_bpf filters next to other tools' filters
-PARENT = {False: 0xFFFFFFF2, True: 0xFFFFFFF3}  # clsact ingress / egress
-
-
-class AttachMode(str, Enum):
-    """How programs are hooked to TC: TCX links, clsact filters, or whichever fits."""
-
-    auto = "auto"
-    tcx = "tcx"
-    tc = "tc"
 
 
 def kernel_has_tcx() -> bool:

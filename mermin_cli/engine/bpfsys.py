@@ -96,9 +96,9 @@ def prog_id(prog_fd: int) -> int:
     return int(struct.unpack_from("I", _prog_info(prog_fd), 4)[0])
 
 
-def prog_name(prog_id: int) -> str:
-    """Name of the loaded program with kernel id `prog_id` (as truncated by the kernel)."""
-    fd = _bpf(BPF_PROG_GET_FD_BY_ID, _attr(16, (0, "I", prog_id)))
+def prog_name(kernel_id: int) -> str:
+    """Name of the loaded program with id `kernel_id` (as truncated by the kernel)."""
+    fd = _bpf(BPF_PROG_GET_FD_BY_ID, _attr(16, (0, "I", kernel_id)))
     try:
         name = _prog_info(fd).raw[64 : 64 + BPF_OBJ_NAME_LEN]
     finally:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from mermin_cli.config.schema import Config
 from mermin_cli.discovery.interfaces import (
     Interface,
-    close_matches,
     default_route_interfaces,
     list_interfaces,
     match_interfaces,
+    unmatched_warning,
 )
 from mermin_cli.discovery.watch import LinkWatcher
 from mermin_cli.engine.attach import Attacher
@@ -52,13 +52,8 @@ def select_interfaces(patterns: tuple[str, ...], links: list[Interface]) -> list
             )
         return chosen
     for pattern in patterns:
-        if not match_interfaces([pattern], links):
-            hint = close_matches(pattern, links)
-            log.warning(
-                "Interface pattern %r did not match any interfaces%s",
-                pattern,
-                f" (did you mean {', '.join(hint)}?)" if hint else "",
-            )
+        if warning := unmatched_warning(pattern, links):
+            log.warning("%s", warning)
     chosen = match_interfaces(patterns, links)
     if not chosen:
         raise UsageError(
