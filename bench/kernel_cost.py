@@ -22,6 +22,7 @@ MERMIN_BPF_DIR to a directory holding a modified flow.c to measure that copy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -130,15 +131,19 @@ def load_times(count: int, max_flows: int) -> list[float]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement; returns the JSON document."""
     loads = load_times(args.loads, args.max_flows)
-    prog = FlowProgram(args.max_flows)
     bcc = import_bcc()
     source = bpf_source()
-    cflags = [f"-DMAX_FLOWS={args.max_flows}"]
-    bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
-    empty_bpf = bcc.BPF(text=EMPTY_PROGRAM)
     frames = hit_frames()
     tcp = frames["ipv4_tcp"]
-    try:
+    with contextlib.ExitStack() as cleanup:
+        prog = FlowProgram(args.max_flows)
+        cleanup.callback(prog.close)
+        cflags = [f"-DMAX_FLOWS={args.max_flows}"]
+        bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
+        cleanup.callback(bench.cleanup)
+        empty_bpf = bcc.BPF(text=EMPTY_PROGRAM)
+        cleanup.callback(empty_bpf.cleanup)
+
         flow_fd = prog.prog_fd(l3=False, egress=False)
         fds = {
             name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
@@ -158,16 +163,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             timed[kind] = lambda frame=frame: run_ns(flow_fd, frame, args.repeat)
         timed["hit_write"] = lambda: run_ns(fds["bench_hit_write"], tcp, args.repeat)
         timed["write_only"] = lambda: run_ns(fds["bench_write_only"], tcp, args.repeat)
-        timed["new_flow_write"] = new_flows
+        timed["new_flow_write"] = new_flows  # last: the bench table then holds its flows only
         samples: dict[str, list[int]] = {kind: [] for kind in timed}
         for _ in range(args.runs):
             for kind, run in timed.items():
                 samples[kind].append(run())
         inserted = len(bench["flows"])
-    finally:
-        bench.cleanup()
-        empty_bpf.cleanup()
-        prog.close()
 
     if inserted != args.new_flows:
         raise RuntimeError(f"{inserted} of {args.new_flows} bench runs inserted a flow")

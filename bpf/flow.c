@@ -13,6 +13,8 @@
  *
  * Compile-time parameters (set by the loader with -D):
  *   MAX_FLOWS        capacity of the flow table
+ *   FINE_CLOCK_ONLY  kernels < 5.11 (no bpf_ktime_get_coarse_ns): use the precise clock
+ *                    for every timestamp
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -50,6 +52,20 @@
 #define MAX_IPV6_EXT 4
 
 #define DIR_NONE 0xff
+
+/* first_ns/last_ns use the coarse monotonic clock (jiffy resolution, a few ns instead of
+ * tens of ns per packet: the largest single cost of the hit path); it lags
+ * CLOCK_MONOTONIC by at most one tick, which is fine for seconds-scale timeouts. The
+ * handshake times feed an RTT and always use the precise clock. */
+#ifdef FINE_CLOCK_ONLY
+#define coarse_ns() bpf_ktime_get_ns()
+#else
+#define coarse_ns() bpf_ktime_get_coarse_ns()
+#endif
+
+/* pkt.no_l4: why the transport header was not parsed */
+#define NO_L4_FRAGMENT 1  /* non-first IP fragment */
+#define NO_L4_EXT_LIMIT 2 /* more IPv6 extension headers than MAX_IPV6_EXT */
 
 /* Flow key: 44 bytes, no implicit padding (the hash covers raw bytes). Addresses are
  * ordered so both directions of a flow share one key; `dir` 0 means the packet goes
@@ -121,7 +137,7 @@ struct pkt {
     __u8  tos;
     __u8  icmp_type;
     __u8  icmp_code;
-    __u8  fragment;
+    __u8  no_l4;          /* NO_L4_*, 0 when the transport header was parsed */
 };
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -159,8 +175,8 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end, __u
 {
     __u8 proto = p->key.proto;
 
-    if (p->fragment)
-        return 0; /* non-first fragment: no transport header here */
+    if (p->no_l4)
+        return 0; /* no transport header here */
 
     if (proto == PROTO_TCP) {
         if (l4 + 14 > data_end)
@@ -208,7 +224,7 @@ static __always_inline int parse_ipv4(struct pkt *p, void *l3, void *data_end, _
     p->ip_len = (tot && tot <= l3_len) ? tot : l3_len;
 
     if (bpf_ntohs(ip->frag_off) & 0x1fff) {
-        p->fragment = 1;
+        p->no_l4 = NO_L4_FRAGMENT;
         return 0;
     }
     void *l4 = l3 + ihl;
@@ -257,7 +273,7 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, _
         if (nh == 44) {
             /* fragment header: offset in the upper 13 bits of bytes 2-3 */
             if (bpf_ntohs(*(__u16 *)(ext + 2)) & 0xfff8)
-                p->fragment = 1;
+                p->no_l4 = NO_L4_FRAGMENT;
             len = 8;
         } else if (nh == 51) {
             len = ((__u32)ext[1] + 2) * 4;
@@ -266,11 +282,11 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, _
         }
         nh = ext[0];
         hdr += len;
+        if (p->no_l4)
+            break; /* non-first fragment: what follows is payload, not headers */
     }
-    if (is_ipv6_ext(nh)) {
-        count(CTR_IPV6_EXT_LIMIT, 1);
-        p->fragment = 1; /* transport header not reached: track without ports */
-    }
+    if (!p->no_l4 && is_ipv6_ext(nh))
+        p->no_l4 = NO_L4_EXT_LIMIT; /* transport header not reached: track without ports */
     p->key.proto = nh;
     if (hdr > data_end)
         return -1;
@@ -328,15 +344,15 @@ static __always_inline void set_meta(struct flow_stats *s, struct pkt *p, __u8 d
 }
 
 /* TCP handshake bookkeeping: who sent the first SYN / SYN+ACK, and when. */
-static __always_inline void note_handshake(struct flow_stats *s, __u8 flags, __u8 dir, __u64 now)
+static __always_inline void note_handshake(struct flow_stats *s, __u8 flags, __u8 dir)
 {
     __u8 syn_ack = flags & (TCP_SYN | TCP_ACK);
     if (syn_ack == TCP_SYN && s->syn_dir == DIR_NONE) {
         s->syn_dir = dir;
-        s->syn_ns = now;
+        s->syn_ns = bpf_ktime_get_ns();
     } else if (syn_ack == (TCP_SYN | TCP_ACK) && s->synack_dir == DIR_NONE) {
         s->synack_dir = dir;
-        s->synack_ns = now;
+        s->synack_ns = bpf_ktime_get_ns();
     }
 }
 
@@ -359,7 +375,7 @@ static __always_inline void update(struct flow_stats *s, struct pkt *p, __u8 dir
     if (!(s->meta_seen & (1 << dir)))
         set_meta(s, p, dir);
     if (p->tcp_flags & TCP_SYN)
-        note_handshake(s, p->tcp_flags, dir, now);
+        note_handshake(s, p->tcp_flags, dir);
 }
 
 static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now)
@@ -370,9 +386,22 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     init.first_hook = hook;
     init.syn_dir = DIR_NONE;
     init.synack_dir = DIR_NONE;
+    init.last_ns = now;
     init.vlan_id = p->vlan_id;
-    init.flags = p->fragment ? FLOW_F_FRAGMENT : 0;
-    update(&init, p, dir, now);
+    init.flags = p->no_l4 == NO_L4_FRAGMENT ? FLOW_F_FRAGMENT : 0;
+    /* Not yet shared: plain stores (a locked add costs as much on the stack). */
+    if (dir) {
+        init.packets[1] = 1;
+        init.bytes[1] = p->ip_len;
+        init.tcp_flags[1] = p->tcp_flags;
+    } else {
+        init.packets[0] = 1;
+        init.bytes[0] = p->ip_len;
+        init.tcp_flags[0] = p->tcp_flags;
+    }
+    set_meta(&init, p, dir);
+    if (p->tcp_flags & TCP_SYN)
+        note_handshake(&init, p->tcp_flags, dir);
 
     /* BCC's insert() is BPF_NOEXIST: never overwrite an entry another CPU created. */
     int err = flows.insert(&p->key, &init);
@@ -390,46 +419,32 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     count(CTR_MAP_FULL_BYTES, p->ip_len);
 }
 
-/* Common body: `l2` and `hook` are compile-time constants per entry point. */
-static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u8 hook)
+/* Link and network layers into `p`: 0, or PARSE_NON_IP, or -1 when a header is cut short. */
+#define PARSE_NON_IP 1
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, const int l2)
 {
-    count(CTR_PACKETS, 1);
-
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    /* Headers in a non-linear skb: make them directly readable. This moves bytes
-     * into the linear area but never changes packet content. */
-    if (data_end - data < PULL_LEN && skb->len > data_end - data) {
-        bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
-        data = (void *)(long)skb->data;
-        data_end = (void *)(long)skb->data_end;
-    }
-
-    struct pkt p = {};
     __u16 eth_proto;
     __u32 off = 0;
 
     if (l2) {
         struct ethhdr *eth = data;
-        if ((void *)(eth + 1) > data_end) {
-            count(CTR_TRUNCATED, 1);
-            return TC_ACT_UNSPEC;
-        }
+        if ((void *)(eth + 1) > data_end)
+            return -1;
         eth_proto = eth->h_proto;
         off = sizeof(*eth);
         if (skb->vlan_present)
-            p.vlan_id = skb->vlan_tci & 0x0fff; /* tag offloaded out of the data */
+            p->vlan_id = skb->vlan_tci & 0x0fff; /* tag offloaded out of the data */
 #pragma unroll
         for (int i = 0; i < MAX_VLAN_TAGS; i++) {
             if (eth_proto != ETH_P_8021Q_BE && eth_proto != ETH_P_8021AD_BE)
                 break;
             __u16 *tag = data + off;
-            if ((void *)(tag + 2) > data_end) {
-                count(CTR_TRUNCATED, 1);
-                return TC_ACT_UNSPEC;
-            }
-            if (!p.vlan_id)
-                p.vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
+            if ((void *)(tag + 2) > data_end)
+                return -1;
+            if (!p->vlan_id)
+                p->vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
             eth_proto = tag[1];
             off += 4;
         }
@@ -439,12 +454,32 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u
 
     __u32 l3_len = skb->len > off ? skb->len - off : 0;
     void *l3 = data + off;
-    int ret;
-    if (eth_proto == ETH_P_IP_BE) {
-        ret = parse_ipv4(&p, l3, data_end, l3_len);
-    } else if (eth_proto == ETH_P_IPV6_BE) {
-        ret = parse_ipv6(&p, l3, data_end, l3_len);
-    } else {
+    if (eth_proto == ETH_P_IP_BE)
+        return parse_ipv4(p, l3, data_end, l3_len);
+    if (eth_proto == ETH_P_IPV6_BE)
+        return parse_ipv6(p, l3, data_end, l3_len);
+    return PARSE_NON_IP;
+}
+
+/* Common body: `l2` and `hook` are compile-time constants per entry point. */
+static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u8 hook)
+{
+    count(CTR_PACKETS, 1);
+
+    struct pkt p = {};
+    int ret = parse(skb, &p, l2);
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    if (ret < 0 && skb->len > data_end - data) {
+        /* A header lies beyond the linear area of a non-linear skb (rare: the stack and
+         * drivers keep headers linear, so this is not done up front). Pull it in and parse
+         * again. This moves bytes into the linear area (and may copy the head of a cloned
+         * skb) but never changes packet content. */
+        bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+        __builtin_memset(&p, 0, sizeof(p));
+        ret = parse(skb, &p, l2);
+    }
+    if (ret == PARSE_NON_IP) {
         count(CTR_NON_IP, 1);
         return TC_ACT_UNSPEC;
     }
@@ -452,12 +487,14 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u
         count(CTR_TRUNCATED, 1);
         return TC_ACT_UNSPEC;
     }
-    if (p.fragment)
+    if (p.no_l4 == NO_L4_FRAGMENT)
         count(CTR_FRAGMENT, 1);
+    else if (p.no_l4 == NO_L4_EXT_LIMIT)
+        count(CTR_IPV6_EXT_LIMIT, 1);
 
     p.key.ifindex = skb->ifindex;
     __u8 dir = normalize(&p.key);
-    __u64 now = bpf_ktime_get_ns();
+    __u64 now = coarse_ns();
 
     struct flow_stats *s = flows.lookup(&p.key);
     if (s)

@@ -679,12 +679,6 @@ def test_ipv6_fragments(kernel: Kernel) -> None:
     kernel.assert_counters(packets=2, new_flows=2, fragment=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flow.c bug: after a non-first fragment header the walk goes on into the "
-    "fragment's payload (here: read as a destination-options header running past the end), "
-    "so the packet is counted as truncated and lost",
-)
 def test_ipv6_non_first_fragment_stops_the_header_walk(kernel: Kernel) -> None:
     # A destination-options header may follow the fragment header (RFC 8200 4.1); in a
     # non-first fragment, the bytes after the fragment header are payload, not a header.
@@ -700,11 +694,6 @@ def test_ipv6_non_first_fragment_stops_the_header_walk(kernel: Kernel) -> None:
     kernel.assert_counters(packets=1, new_flows=1, fragment=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flow.c bug: the extension-header limit is reported as a fragment (counter "
-    "`fragment` and FLOW_F_FRAGMENT, hence flow.ip.fragmented=true) although it is none",
-)
 def test_ipv6_more_extension_headers_than_walked(kernel: Kernel) -> None:
     chain = ext(DSTOPTS) + ext(ROUTING) + ext(DSTOPTS) + ext(DSTOPTS) + ext(TCP)
     pkt = ip6("2001:db8::1", "2001:db8::2", HOPOPTS, chain + tcp(1234, 22, SYN))

@@ -14,8 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import platform
-import re
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -24,15 +22,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 from mermin_cli.discovery.interfaces import Interface
 from mermin_cli.engine import bpfsys
 from mermin_cli.engine.hooks import NAME_PREFIX, PARENT, TC_HANDLE
-from mermin_cli.engine.program import FlowProgram
+from mermin_cli.engine.program import FlowProgram, kernel_version
 from mermin_cli.errors import MerminError
 
 log = logging.getLogger("mermin.engine")
 
 
 def kernel_has_tcx() -> bool:
-    nums = [int(n) for n in re.findall(r"\d+", platform.release())[:2]]
-    return tuple(nums) >= (6, 6)
+    return kernel_version() >= (6, 6)
 
 
 def resolve_mode(mode: str) -> str:

@@ -5,17 +5,23 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from mermin_cli.engine import layout
 from mermin_cli.engine.kernel_headers import prepare_bcc_headers
 from mermin_cli.errors import MerminError
 
 log = logging.getLogger("mermin.engine")
+
+
+def kernel_version() -> tuple[int, int]:
+    """(major, minor) of the running kernel."""
+    major, minor = [*(int(n) for n in re.findall(r"\d+", platform.release())[:2]), 0, 0][:2]
+    return major, minor
 
 
 def bpf_source() -> Path:
@@ -49,7 +55,7 @@ class FlowProgram:
             raise MerminError(f"The eBPF source {src} is missing; reinstall mermin.")
         started = time.monotonic()
         try:
-            self.bpf = bcc.BPF(src_file=str(src).encode(), cflags=[f"-DMAX_FLOWS={max_flows}"])
+            self.bpf = bcc.BPF(src_file=str(src).encode(), cflags=_cflags(max_flows))
             self.fds = {
                 k: self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
                 for k, name in layout.PROGRAMS.items()
@@ -93,6 +99,8 @@ class FlowProgram:
         self.bpf.cleanup()
 
 
-def as_array(buf: ctypes.Array[ctypes.c_char], dtype: np.dtype) -> np.ndarray:
-    """Zero-copy numpy view of a ctypes buffer."""
-    return np.frombuffer(buf, dtype=dtype)
+def _cflags(max_flows: int) -> list[str]:
+    flags = [f"-DMAX_FLOWS={max_flows}"]
+    if kernel_version() < (5, 11):  # no bpf_ktime_get_coarse_ns before 5.11
+        flags.append("-DFINE_CLOCK_ONLY")
+    return flags
