@@ -101,8 +101,7 @@ struct flow_stats {
     __u8  icmp_code[2];
     __u32 flow_label[2]; /* IPv6 only */
     __u16 vlan_id;       /* outer VLAN id of the first packet, 0 if untagged */
-    __u16 pad0;
-    __u32 pad1;
+    __u8  mac[6];        /* source MAC of the first packet (L2 devices) */
     __u64 syn_ns;        /* first pure SYN */
     __u64 synack_ns;     /* first SYN+ACK */
 };
@@ -120,11 +119,56 @@ enum {
     CTR_INSERT_RACE,     /* another CPU created the entry first */
     CTR_MAP_FULL,        /* no entry could be created: packet not in any flow */
     CTR_MAP_FULL_BYTES,  /* IP bytes of those packets */
+    CTR_FILTERED_FLOWS,  /* flows rejected by the filters (never entered `flows`) */
+    CTR_FILTERED_PKTS,   /* packets of those flows */
     CTR_MAX,
 };
 
 BPF_F_TABLE("hash", struct flow_key, struct flow_stats, flows, MAX_FLOWS, 0);
 BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
+
+/*
+ * Flow filters on the initiator's (source) and responder's (destination) address and
+ * port, the transport and the IP version. They run only when a packet misses the flow
+ * table, so established flows pay nothing; a rejected flow is remembered in the
+ * `filtered` LRU so its later packets cost one lookup and never fill `flows`.
+ * mermin_cli/flows/filters.py fills these maps from the config.
+ */
+#define F_SRC_ADDR_MATCH 0x001
+#define F_SRC_ADDR_NOT   0x002
+#define F_DST_ADDR_MATCH 0x004
+#define F_DST_ADDR_NOT   0x008
+#define F_SRC_PORT_MATCH 0x010
+#define F_SRC_PORT_NOT   0x020
+#define F_DST_PORT_MATCH 0x040
+#define F_DST_PORT_NOT   0x080
+#define F_PROTO          0x100 /* filter_protos[proto] says whether it is allowed */
+#define F_REJECT_V4      0x200
+#define F_REJECT_V6      0x400
+
+/* filter_ports[port] bits */
+#define PORT_SRC_MATCH 0x1
+#define PORT_SRC_NOT   0x2
+#define PORT_DST_MATCH 0x4
+#define PORT_DST_NOT   0x8
+
+/* Address lists share one LPM trie: data[0] is the list, data[1..16] the address
+ * (IPv4 as ::ffff:a.b.c.d), data[17..19] zero. */
+enum { LIST_SRC_MATCH = 0, LIST_SRC_NOT, LIST_DST_MATCH, LIST_DST_NOT };
+struct addr_lpm {
+    __u32 prefixlen;
+    __u8  data[20];
+};
+
+struct filter_cfg {
+    __u32 active; /* F_* bits; 0 = no filters */
+};
+
+BPF_LPM_TRIE(filter_addrs, struct addr_lpm, __u8, 4096);
+BPF_ARRAY(filter_ports, __u8, 65536);
+BPF_ARRAY(filter_protos, __u8, 256);
+BPF_ARRAY(filter_cfg, struct filter_cfg, 1);
+BPF_TABLE("lru_hash", struct flow_key, __u8, filtered, MAX_FLOWS);
 
 /* What the parser extracts from one packet. */
 struct pkt {
@@ -138,6 +182,7 @@ struct pkt {
     __u8  icmp_type;
     __u8  icmp_code;
     __u8  no_l4;          /* NO_L4_*, 0 when the transport header was parsed */
+    __u8  mac[6];         /* source MAC, filled on the miss path only */
 };
 
 static __always_inline void count(__u32 idx, __u64 n)
@@ -388,6 +433,7 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     init.synack_dir = DIR_NONE;
     init.last_ns = now;
     init.vlan_id = p->vlan_id;
+    __builtin_memcpy(init.mac, p->mac, 6);
     init.flags = p->no_l4 == NO_L4_FRAGMENT ? FLOW_F_FRAGMENT : 0;
     /* Not yet shared: plain stores (a locked add costs as much on the stack). */
     if (dir) {
@@ -417,6 +463,105 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     }
     count(CTR_MAP_FULL, 1);
     count(CTR_MAP_FULL_BYTES, p->ip_len);
+}
+
+/* Does this first packet answer an earlier one (so its receiver initiated the flow)? */
+static __always_inline int answers(struct pkt *p)
+{
+    __u8 proto = p->key.proto, t = p->icmp_type;
+    if (proto == PROTO_TCP)
+        return (p->tcp_flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK);
+    if (proto == PROTO_ICMP)
+        return t == 0 || t == 14 || t == 16 || t == 18;
+    if (proto == PROTO_ICMPV6)
+        return t == 129 || t == 131 || t == 134 || t == 136 || t == 140;
+    return 0;
+}
+
+static __always_inline int addr_listed(__u8 list, const __u32 *addr, __u8 ip_ver)
+{
+    struct addr_lpm k = {};
+    k.prefixlen = 8 + 128;
+    k.data[0] = list;
+    if (ip_ver == 4) {
+        k.data[11] = 0xff;
+        k.data[12] = 0xff;
+        __builtin_memcpy(&k.data[13], addr, 4);
+    } else {
+        __builtin_memcpy(&k.data[1], addr, 16);
+    }
+    return filter_addrs.lookup(&k) != NULL;
+}
+
+/* match/not_match semantics: rejected if on the not list, or if a match list exists
+ * and the value is not on it. */
+static __always_inline int addr_rejected(__u32 active, __u32 match_bit, __u32 not_bit,
+                                         __u8 match_list, const __u32 *addr, __u8 ip_ver)
+{
+    if ((active & not_bit) && addr_listed(match_list + 1, addr, ip_ver))
+        return 1;
+    return (active & match_bit) && !addr_listed(match_list, addr, ip_ver);
+}
+
+static __always_inline int port_rejected(__u32 active, __u32 match_bit, __u32 not_bit,
+                                         __u8 bit_match, __u32 port)
+{
+    if (!(active & (match_bit | not_bit)))
+        return 0;
+    __u8 *bits = filter_ports.lookup(&port);
+    __u8 b = bits ? *bits : 0;
+    if ((active & not_bit) && (b & (bit_match << 1)))
+        return 1;
+    return (active & match_bit) && !(b & bit_match);
+}
+
+static __always_inline int rejected(struct pkt *p, __u8 dir, __u32 active)
+{
+    struct flow_key *k = &p->key;
+    if (k->ip_ver == 4 ? (active & F_REJECT_V4) : (active & F_REJECT_V6))
+        return 1;
+    if (active & F_PROTO) {
+        __u32 proto = k->proto;
+        __u8 *ok = filter_protos.lookup(&proto);
+        if (!ok || !*ok)
+            return 1;
+    }
+    /* source = initiator: this packet's sender, unless the packet is an answer */
+    int src_lo = (dir == 0) != answers(p);
+    __u8 ported = !p->no_l4 && (k->proto == PROTO_TCP || k->proto == PROTO_UDP ||
+                                k->proto == PROTO_SCTP || k->proto == PROTO_UDPLITE);
+    __u32 sport = 0, dport = 0;
+    if (ported) {
+        sport = src_lo ? k->lo_port : k->hi_port;
+        dport = src_lo ? k->hi_port : k->lo_port;
+    }
+    if (addr_rejected(active, F_SRC_ADDR_MATCH, F_SRC_ADDR_NOT, LIST_SRC_MATCH,
+                      src_lo ? k->lo_addr : k->hi_addr, k->ip_ver) ||
+        addr_rejected(active, F_DST_ADDR_MATCH, F_DST_ADDR_NOT, LIST_DST_MATCH,
+                      src_lo ? k->hi_addr : k->lo_addr, k->ip_ver))
+        return 1;
+    return port_rejected(active, F_SRC_PORT_MATCH, F_SRC_PORT_NOT, PORT_SRC_MATCH, sport) ||
+           port_rejected(active, F_DST_PORT_MATCH, F_DST_PORT_NOT, PORT_DST_MATCH, dport);
+}
+
+/* Miss path only: 1 if the flow this packet belongs to is filtered out. */
+static __always_inline int filtered_out(struct pkt *p, __u8 dir)
+{
+    __u32 zero = 0;
+    struct filter_cfg *cfg = filter_cfg.lookup(&zero);
+    if (!cfg || !cfg->active)
+        return 0;
+    if (filtered.lookup(&p->key)) {
+        count(CTR_FILTERED_PKTS, 1);
+        return 1;
+    }
+    if (!rejected(p, dir, cfg->active))
+        return 0;
+    __u8 one = 1;
+    filtered.update(&p->key, &one);
+    count(CTR_FILTERED_FLOWS, 1);
+    count(CTR_FILTERED_PKTS, 1);
+    return 1;
 }
 
 /* Link and network layers into `p`: 0, or PARSE_NON_IP, or -1 when a header is cut short. */
@@ -497,10 +642,18 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u
     __u64 now = coarse_ns();
 
     struct flow_stats *s = flows.lookup(&p.key);
-    if (s)
+    if (s) {
         update(s, &p, dir, now);
-    else
-        create(&p, dir, hook, now);
+        return TC_ACT_UNSPEC;
+    }
+    if (filtered_out(&p, dir))
+        return TC_ACT_UNSPEC;
+    if (l2) {
+        struct ethhdr *eth = (void *)(long)skb->data;
+        if ((void *)(eth + 1) <= (void *)(long)skb->data_end)
+            __builtin_memcpy(p.mac, eth->h_source, 6);
+    }
+    create(&p, dir, hook, now);
     return TC_ACT_UNSPEC;
 }
 

@@ -36,8 +36,7 @@ STATS_DTYPE = np.dtype(
         ("icmp_code", "u1", (2,)),
         ("flow_label", "<u4", (2,)),
         ("vlan_id", "<u2"),
-        ("pad0", "<u2"),
-        ("pad1", "<u4"),
+        ("mac", "V6"),
         ("syn_ns", "<u8"),
         ("synack_ns", "<u8"),
     ]
@@ -58,6 +57,8 @@ COUNTERS = (
     "insert_race",
     "map_full",
     "map_full_bytes",
+    "filtered_flows",
+    "filtered_packets",
 )
 
 PROGRAMS = {

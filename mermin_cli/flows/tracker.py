@@ -22,6 +22,7 @@ from mermin_cli.engine.layout import DIR_NONE, FLOW_F_FRAGMENT
 from mermin_cli.flows import names
 from mermin_cli.flows.community_id import community_id
 from mermin_cli.flows.direction import LocalHost, initiator_dir, span_kind
+from mermin_cli.flows.filters import FlowFilter
 from mermin_cli.flows.record import (
     DIRECTION_OF_KIND,
     END_ACTIVE,
@@ -65,6 +66,7 @@ class FlowState:
     kind: str
     community_id: str
     first_ns: int
+    filtered: bool = False  # rejected by the Python-side filters: emits nothing
     prev_end: int = 0  # wall-clock end of the previous record (start of the next window)
     packets: tuple[int, int] = (0, 0)  # forward, reverse totals at the previous record
     octets: tuple[int, int] = (0, 0)
@@ -96,9 +98,11 @@ class FlowTracker:
         span: SpanConfig,
         interface_name: Callable[[int], str | None],
         host: LocalHost | None = None,
+        flow_filter: FlowFilter | None = None,
     ) -> None:
         self.table = table
         self.span = span
+        self.flow_filter = flow_filter
         self.interface_name = interface_name
         self.host = host or LocalHost()
         self.trace_ids = TraceIds(
@@ -109,6 +113,7 @@ class FlowTracker:
         self.records_emitted = 0
         self.zero_suppressed = 0
         self.evicted = 0
+        self.filtered = 0  # flows rejected by the Python-side filters
         self.table_size = 0  # entries in the kernel table at the last poll
 
     # -- polling -------------------------------------------------------------------
@@ -203,6 +208,8 @@ class FlowTracker:
         state = self.flows.get(kb)
         if state is None or state.first_ns != int(stats["first_ns"]):
             state = self.flows[kb] = self._new_state(key, stats)
+        if state.filtered:
+            return
         f, r = state.fwd, 1 - state.fwd
         packets = (int(stats["packets"][f]), int(stats["packets"][r]))
         octets = (int(stats["bytes"][f]), int(stats["bytes"][r]))
@@ -303,9 +310,12 @@ class FlowTracker:
             static["network.interface.name"] = ifname
         if int(stats["vlan_id"]):
             static["network.vlan.id"] = int(stats["vlan_id"])
+        mac = stats["mac"].tobytes()
+        if any(mac):
+            static["network.interface.mac"] = mac.hex(":")
         if int(stats["flags"]) & FLOW_F_FRAGMENT:
             static["flow.ip.fragmented"] = True
-        return FlowState(
+        state = FlowState(
             fwd=fwd,
             static=static,
             name=f"flow_{network_type}_{transport}",
@@ -313,6 +323,12 @@ class FlowTracker:
             community_id=cid,
             first_ns=int(stats["first_ns"]),
         )
+        if self.flow_filter and not self.flow_filter.allows(
+            {**static, **_dynamic_attributes(key, stats, fwd)}
+        ):
+            state.filtered = True
+            self.filtered += 1
+        return state
 
 
 def _dynamic_attributes(key: np.void, stats: np.void, f: int) -> dict[str, Any]:

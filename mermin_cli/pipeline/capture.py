@@ -24,6 +24,7 @@ from mermin_cli.engine.attach import Attacher
 from mermin_cli.engine.privileges import require_capture_privileges
 from mermin_cli.engine.program import FlowProgram, import_bcc
 from mermin_cli.errors import MerminError, UsageError
+from mermin_cli.flows.filters import FlowFilter, KernelFilter
 from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
 from mermin_cli.logs import set_level
@@ -197,8 +198,9 @@ class Capture:
                 )
                 table = FlowTable(program.flows_fd, capacity, program.bpf_lib)
                 tracker = FlowTracker(table, self.config.span, hooks.names.get)
+                self._apply_filters(program, tracker, self.config)
                 health = KernelHealth(program, capacity)
-                self._loop(tracker, hooks, health)
+                self._loop(program, tracker, hooks, health)
                 self.writer.write(tracker.flush())
                 health.summary(tracker)
         except BrokenPipeError:
@@ -213,7 +215,9 @@ class Capture:
         if hooks.failure:
             raise MerminError(hooks.failure)
 
-    def _loop(self, tracker: FlowTracker, hooks: Hooks, health: KernelHealth) -> None:
+    def _loop(
+        self, program: FlowProgram, tracker: FlowTracker, hooks: Hooks, health: KernelHealth
+    ) -> None:
         deadline = (
             None if self.options.duration is None else time.monotonic() + self.options.duration
         )
@@ -224,7 +228,7 @@ class Capture:
                 break
             if self.hup.is_set():
                 self.hup.clear()
-                self._reload(tracker, hooks)
+                self._reload(program, tracker, hooks)
             self.writer.write(tracker.poll())
             health.check(tracker.table_size)
             hooks.reconcile()
@@ -233,7 +237,12 @@ class Capture:
             if deadline is not None and time.monotonic() >= deadline:
                 break
 
-    def _reload(self, tracker: FlowTracker, hooks: Hooks) -> None:
+    @staticmethod
+    def _apply_filters(program: FlowProgram, tracker: FlowTracker, config: Config) -> None:
+        KernelFilter.from_config(config.filter).load(program.bpf)
+        tracker.flow_filter = FlowFilter.from_config(config.filter)
+
+    def _reload(self, program: FlowProgram, tracker: FlowTracker, hooks: Hooks) -> None:
         """SIGHUP: apply a new config if it is valid, else keep the running one."""
         if not self.config.auto_reload or self.reload is None:
             log.warning("SIGHUP ignored: auto_reload is off")
@@ -247,6 +256,7 @@ class Capture:
             log.warning("flow_capture sizes and tc_priority take effect at the next start")
         set_level(new.log_level)
         tracker.span = new.span
+        self._apply_filters(program, tracker, new)
         hooks.set_patterns(tuple(new.discovery.instrument.interfaces))
         self.config = new
         log.info("configuration reloaded")
@@ -287,11 +297,15 @@ class KernelHealth:
     def summary(self, tracker: FlowTracker) -> None:
         c = self.program.counters()
         log.info(
-            "done: %d packets seen, %d flows, %d records; not accounted: %d packets "
-            "(table full), %d non-IP, %d truncated",
+            "done: %d packets seen, %d flows, %d records; filtered: %d flows (%d packets) "
+            "in the kernel, %d flows after; not accounted: %d packets (table full), "
+            "%d non-IP, %d truncated",
             c["packets"],
             c["new_flows"],
             tracker.records_emitted,
+            c["filtered_flows"],
+            c["filtered_packets"],
+            tracker.filtered,
             c["map_full"],
             c["non_ip"],
             c["truncated"],
