@@ -15,6 +15,8 @@
  *   MAX_FLOWS        capacity of the flow table
  *   FINE_CLOCK_ONLY  kernels < 5.11 (no bpf_ktime_get_coarse_ns): use the precise clock
  *                    for every timestamp
+ *   OFFLINE_CLOCK    times come from the `offline_clock` map (pcap input)
+ *   EVENT_PAGES      size of the new-flow ring buffer in pages (a power of two)
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -57,10 +59,24 @@
  * tens of ns per packet: the largest single cost of the hit path); it lags
  * CLOCK_MONOTONIC by at most one tick, which is fine for seconds-scale timeouts. The
  * handshake times feed an RTT and always use the precise clock. */
-#ifdef FINE_CLOCK_ONLY
+#if defined(OFFLINE_CLOCK)
+/* Offline input (pcap through BPF_PROG_TEST_RUN): user space writes each packet's
+ * timestamp here before running it, so every time is the recording's. */
+BPF_ARRAY(offline_clock, __u64, 1);
+static __always_inline __u64 offline_now(void)
+{
+    __u32 zero = 0;
+    __u64 *t = offline_clock.lookup(&zero);
+    return t ? *t : 0;
+}
+#define coarse_ns() offline_now()
+#define precise_ns() offline_now()
+#elif defined(FINE_CLOCK_ONLY)
 #define coarse_ns() bpf_ktime_get_ns()
+#define precise_ns() bpf_ktime_get_ns()
 #else
 #define coarse_ns() bpf_ktime_get_coarse_ns()
+#define precise_ns() bpf_ktime_get_ns()
 #endif
 
 /* pkt.no_l4: why the transport header was not parsed */
@@ -121,11 +137,25 @@ enum {
     CTR_MAP_FULL_BYTES,  /* IP bytes of those packets */
     CTR_FILTERED_FLOWS,  /* flows rejected by the filters (never entered `flows`) */
     CTR_FILTERED_PKTS,   /* packets of those flows */
+    CTR_EVENTS_DROPPED,  /* new-flow events lost: ring buffer full */
     CTR_MAX,
 };
 
 BPF_F_TABLE("hash", struct flow_key, struct flow_stats, flows, MAX_FLOWS, 0);
 BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
+
+#ifndef EVENT_PAGES
+#define EVENT_PAGES 16
+#endif
+/* One event per new flow (never per packet): lets user space see a flow as soon as it
+ * starts instead of at the next table poll. The table stays the source of truth, so a
+ * lost event costs latency, not data. */
+struct flow_event {
+    struct flow_key key;
+    __u32 ip_len;   /* IP bytes of the first packet */
+    __u64 ts_ns;    /* kernel time of the first packet */
+};
+BPF_RINGBUF_OUTPUT(flow_events, EVENT_PAGES);
 
 /*
  * Flow filters on the initiator's (source) and responder's (destination) address and
@@ -394,10 +424,10 @@ static __always_inline void note_handshake(struct flow_stats *s, __u8 flags, __u
     __u8 syn_ack = flags & (TCP_SYN | TCP_ACK);
     if (syn_ack == TCP_SYN && s->syn_dir == DIR_NONE) {
         s->syn_dir = dir;
-        s->syn_ns = bpf_ktime_get_ns();
+        s->syn_ns = precise_ns();
     } else if (syn_ack == (TCP_SYN | TCP_ACK) && s->synack_dir == DIR_NONE) {
         s->synack_dir = dir;
-        s->synack_ns = bpf_ktime_get_ns();
+        s->synack_ns = precise_ns();
     }
 }
 
@@ -453,6 +483,9 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     int err = flows.insert(&p->key, &init);
     if (err == 0) {
         count(CTR_NEW_FLOWS, 1);
+        struct flow_event ev = {.key = p->key, .ip_len = p->ip_len, .ts_ns = now};
+        if (flow_events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
+            count(CTR_EVENTS_DROPPED, 1);
         return;
     }
     struct flow_stats *s = flows.lookup(&p->key);

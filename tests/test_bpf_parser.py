@@ -87,8 +87,7 @@ FRESH: dict[str, Any] = {
     "icmp_code": [0, 0],
     "flow_label": [0, 0],
     "vlan_id": 0,
-    "pad0": 0,
-    "pad1": 0,
+    "mac": bytes.fromhex("020000000001"),  # source MAC of every frame built by eth()
 }
 
 
@@ -899,6 +898,7 @@ def test_l3_entry_points_parse_from_offset_zero(kernel: Kernel, egress: bool) ->
         first_dir=d,
         ttl=per_dir(d, 64),
         first_hook=hook,
+        mac=bytes(6),  # no Ethernet header on an L3 device
     )
     fkey, d = key("2001:db8:86dd::1", "2001:db8::2", 4000, 443, TCP)
     check(
@@ -910,6 +910,7 @@ def test_l3_entry_points_parse_from_offset_zero(kernel: Kernel, egress: bool) ->
         syn_dir=d,
         ttl=per_dir(d, 64),
         first_hook=hook,
+        mac=bytes(6),
     )
 
 

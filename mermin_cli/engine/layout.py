@@ -59,7 +59,10 @@ COUNTERS = (
     "map_full_bytes",
     "filtered_flows",
     "filtered_packets",
+    "events_dropped",
 )
+
+EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts_ns", "<u8")])
 
 PROGRAMS = {
     # (l3 device, egress) -> function name in bpf/flow.c

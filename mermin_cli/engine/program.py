@@ -46,8 +46,9 @@ def import_bcc() -> Any:
 class FlowProgram:
     """The loaded flow program: four SCHED_CLS entry points sharing one flow table."""
 
-    def __init__(self, max_flows: int) -> None:
+    def __init__(self, max_flows: int, event_capacity: int = 1024, offline: bool = False) -> None:
         self.max_flows = max_flows
+        self.offline = offline
         self.headers = prepare_bcc_headers()
         bcc = import_bcc()
         src = bpf_source()
@@ -55,7 +56,9 @@ class FlowProgram:
             raise MerminError(f"The eBPF source {src} is missing; reinstall mermin.")
         started = time.monotonic()
         try:
-            self.bpf = bcc.BPF(src_file=str(src).encode(), cflags=_cflags(max_flows))
+            self.bpf = bcc.BPF(
+                src_file=str(src).encode(), cflags=_cflags(max_flows, event_capacity, offline)
+            )
             self.fds = {
                 k: self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
                 for k, name in layout.PROGRAMS.items()
@@ -99,8 +102,16 @@ class FlowProgram:
         self.bpf.cleanup()
 
 
-def _cflags(max_flows: int) -> list[str]:
-    flags = [f"-DMAX_FLOWS={max_flows}"]
-    if kernel_version() < (5, 11):  # no bpf_ktime_get_coarse_ns before 5.11
+def event_pages(capacity: int) -> int:
+    """Ring-buffer pages for `capacity` new-flow events (a power of two, as the kernel wants)."""
+    needed = -(-capacity * layout.EVENT_DTYPE.itemsize // 4096)
+    return 1 << max(0, needed - 1).bit_length()
+
+
+def _cflags(max_flows: int, event_capacity: int, offline: bool) -> list[str]:
+    flags = [f"-DMAX_FLOWS={max_flows}", f"-DEVENT_PAGES={event_pages(event_capacity)}"]
+    if offline:
+        flags.append("-DOFFLINE_CLOCK")
+    elif kernel_version() < (5, 11):  # no bpf_ktime_get_coarse_ns before 5.11
         flags.append("-DFINE_CLOCK_ONLY")
     return flags

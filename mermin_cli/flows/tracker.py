@@ -76,17 +76,35 @@ def _addr(raw: bytes, ip_ver: int) -> bytes:
     return raw[:4] if ip_ver == 4 else raw
 
 
-def _clock_offset() -> int:
-    """Wall-clock minus monotonic, from the tightest of a few bracketed readings."""
-    best = None
-    for _ in range(3):
-        m0 = time.monotonic_ns()
-        wall = time.time_ns()
-        m1 = time.monotonic_ns()
-        if best is None or m1 - m0 < best[0]:
-            best = (m1 - m0, wall - (m0 + m1) // 2)
-    assert best is not None
-    return best[1]
+class Clock(Protocol):
+    """The time base of the kernel's timestamps."""
+
+    def now_ns(self) -> int:
+        """Current time on the kernel's clock."""
+        ...
+
+    def wall_offset_ns(self) -> int:
+        """Unix time minus kernel time."""
+        ...
+
+
+class MonotonicClock:
+    """Live capture: the kernel stamps with CLOCK_MONOTONIC, as time.monotonic_ns()."""
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def wall_offset_ns(self) -> int:
+        """From the tightest of a few bracketed readings, fresh every poll (NTP steps)."""
+        best = None
+        for _ in range(3):
+            m0 = time.monotonic_ns()
+            wall = time.time_ns()
+            m1 = time.monotonic_ns()
+            if best is None or m1 - m0 < best[0]:
+                best = (m1 - m0, wall - (m0 + m1) // 2)
+        assert best is not None
+        return best[1]
 
 
 class FlowTracker:
@@ -99,10 +117,12 @@ class FlowTracker:
         interface_name: Callable[[int], str | None],
         host: LocalHost | None = None,
         flow_filter: FlowFilter | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.table = table
         self.span = span
         self.flow_filter = flow_filter
+        self.clock = clock or MonotonicClock()
         self.interface_name = interface_name
         self.host = host or LocalHost()
         self.trace_ids = TraceIds(
@@ -122,9 +142,9 @@ class FlowTracker:
         """One poll: records for idle, closing, due and (table nearly full) evicted flows."""
         keys, vals = self.table.read()
         self.table_size = len(keys)
-        now = time.monotonic_ns() if now_ns is None else now_ns
+        now = self.clock.now_ns() if now_ns is None else now_ns
         self.host.refresh()
-        offset = _clock_offset()
+        offset = self.clock.wall_offset_ns()
         out: list[FlowRecord] = []
 
         last = vals["last_ns"].astype(np.int64)
@@ -150,7 +170,7 @@ class FlowTracker:
     def flush(self) -> list[FlowRecord]:
         """Final `forced_end` records of every active flow (shutdown / end of input)."""
         keys, vals = self.table.read()
-        offset = _clock_offset()
+        offset = self.clock.wall_offset_ns()
         out: list[FlowRecord] = []
         for i in range(len(keys)):
             out.extend(self._close(keys[i], vals[i], END_FORCED, offset))
