@@ -95,7 +95,7 @@ def test_tcp_udp_icmp_match_tcpdump(link, tmp_path: Path, family: str) -> None:
     oracle = start_tcpdump(a, tmp_path / "a.pcap")
     try:
         # B connects to A (A is the server), then A connects to B.
-        tcp_exchange(a, b, 8080, 41000, up=5000, down=120_000)
+        tcp_exchange(a, b, 8088, 41000, up=5000, down=120_000)
         tcp_exchange(b, a, 9090, 42000, up=70_000, down=300)
         b.run("python3", "-c", UDP_SEND, a.ip, "5353", "4", b.ip, "43000", "0.01")
         a.run("ping", "-c", "3", "-i", "0.2", b.ip)
@@ -125,7 +125,7 @@ def test_tcp_udp_icmp_match_tcpdump(link, tmp_path: Path, family: str) -> None:
         assert recs[0]["attributes"]["flow.community_id"] == communityid.CommunityID().calc(tup)
         return recs
 
-    tcp_in = check(proto_tcp, (b.ip, 41000), (a.ip, 8080), "server")
+    tcp_in = check(proto_tcp, (b.ip, 41000), (a.ip, 8088), "server")
     tcp_out = check(proto_tcp, (a.ip, 42000), (b.ip, 9090), "client")
     for recs in (tcp_in, tcp_out):
         last = recs[-1]

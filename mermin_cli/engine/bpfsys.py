@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
 
+BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
@@ -135,10 +136,21 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) 
     return TestRun(retval=retval, duration_ns=duration)
 
 
+def map_lookup(map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int) -> bytes | None:
+    """Read one entry; None if it does not exist."""
+    return _map_op(BPF_MAP_LOOKUP_ELEM, map_fd, key, value_size)
+
+
 def map_lookup_and_delete(
     map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int
 ) -> bytes | None:
     """Atomically read and remove one entry; None if it is already gone."""
+    return _map_op(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map_fd, key, value_size)
+
+
+def _map_op(
+    cmd: int, map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int
+) -> bytes | None:
     value = ctypes.create_string_buffer(value_size)
     attr = _attr(
         32,
@@ -147,7 +159,7 @@ def map_lookup_and_delete(
         (16, "Q", ctypes.addressof(value)),
     )
     try:
-        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
+        _bpf(cmd, attr)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,17 +75,20 @@ class LocalHost:
     ephemeral: tuple[int, int] = (32768, 60999)
     refresh_interval: float = 10.0  # seconds; inf keeps what was given (tests)
     _refreshed: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def refresh(self, force: bool = False) -> None:
         """Re-read addresses and listeners, at most every `refresh_interval` unless forced."""
-        now = time.monotonic()
-        last = self._refreshed if self._refreshed is not None else -math.inf
-        if not force and (self.refresh_interval == math.inf or now - last < self.refresh_interval):
-            return
-        self._refreshed = now
-        self.addresses = _local_addresses()
-        self.listening = _read_listening(self.proc)
-        self.ephemeral = _read_ephemeral(self.proc)
+        with self._lock:  # callers wait for a refresh in progress rather than use stale data
+            now = time.monotonic()
+            last = self._refreshed if self._refreshed is not None else -math.inf
+            due = self.refresh_interval != math.inf and now - last >= self.refresh_interval
+            if not (force or due):
+                return
+            self.addresses = _local_addresses()
+            self.listening = _read_listening(self.proc)
+            self.ephemeral = _read_ephemeral(self.proc)
+            self._refreshed = now
 
     def is_ephemeral(self, port: int) -> bool:
         return self.ephemeral[0] <= port <= self.ephemeral[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+from collections.abc import Callable
 
 import numpy as np
 
@@ -57,8 +58,13 @@ class FlowTable:
 
     def take(self, key: np.void) -> np.void | None:
         """Remove one flow and return its final stats (None if already gone)."""
+        return self._one(bpfsys.map_lookup_and_delete, key)
+
+    def lookup(self, key: np.void) -> np.void | None:
+        """Current stats of one flow (None if it is not in the table)."""
+        return self._one(bpfsys.map_lookup, key)
+
+    def _one(self, op: Callable[..., bytes | None], key: np.void) -> np.void | None:
         raw = ctypes.create_string_buffer(key.tobytes(), KEY_DTYPE.itemsize)
-        value = bpfsys.map_lookup_and_delete(self.map_fd, raw, STATS_DTYPE.itemsize)
-        if value is None:
-            return None
-        return np.frombuffer(value, dtype=STATS_DTYPE)[0]
+        value = op(self.map_fd, raw, STATS_DTYPE.itemsize)
+        return None if value is None else np.frombuffer(value, dtype=STATS_DTYPE)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class Table(Protocol):
     def read(self) -> tuple[np.ndarray, np.ndarray]: ...
 
     def take(self, key: np.void) -> np.void | None: ...
+
+    def lookup(self, key: np.void) -> np.void | None: ...
 
 
 @dataclass(slots=True)
@@ -125,6 +128,7 @@ class FlowTracker:
         self.clock = clock or MonotonicClock()
         self.interface_name = interface_name
         self.host = host or LocalHost()
+        self.host.refresh()  # before the first flow is adopted
         self.trace_ids = TraceIds(
             int(span.trace_id_timeout * NS), max_entries=max(65536, 4 * table.capacity)
         )
@@ -135,16 +139,42 @@ class FlowTracker:
         self.evicted = 0
         self.filtered = 0  # flows rejected by the Python-side filters
         self.table_size = 0  # entries in the kernel table at the last poll
+        # The last two reads, for the live view: (kernel time, keys, stats).
+        self.snapshot: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.previous_snapshot: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.lock = threading.Lock()  # flows is shared by the poller and the workers
 
     # -- polling -------------------------------------------------------------------
+
+    def adopt(self, key: np.void) -> str:
+        """Worker stage: start tracking a new flow the kernel reported.
+
+        Returns "created", "filtered", "known" (already tracked) or "gone" (expired first).
+        """
+        stats = self.table.lookup(key)
+        kb = key.tobytes()
+        self.host.refresh()
+        with self.lock:
+            state = self.flows.get(kb)
+            if stats is None:
+                return "gone"
+            if state is not None and state.first_ns == int(stats["first_ns"]):
+                return "known"
+            state = self.flows[kb] = self._new_state(key, stats)
+            return "filtered" if state.filtered else "created"
 
     def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
         """One poll: records for idle, closing, due and (table nearly full) evicted flows."""
         keys, vals = self.table.read()
         self.table_size = len(keys)
         now = self.clock.now_ns() if now_ns is None else now_ns
+        self.previous_snapshot, self.snapshot = self.snapshot, (now, keys, vals)
         self.host.refresh()
         offset = self.clock.wall_offset_ns()
+        with self.lock:
+            return self._poll(keys, vals, now, offset)
+
+    def _poll(self, keys: np.ndarray, vals: np.ndarray, now: int, offset: int) -> list[FlowRecord]:
         out: list[FlowRecord] = []
 
         last = vals["last_ns"].astype(np.int64)
@@ -172,8 +202,9 @@ class FlowTracker:
         keys, vals = self.table.read()
         offset = self.clock.wall_offset_ns()
         out: list[FlowRecord] = []
-        for i in range(len(keys)):
-            out.extend(self._close(keys[i], vals[i], END_FORCED, offset))
+        with self.lock:
+            for i in range(len(keys)):
+                out.extend(self._close(keys[i], vals[i], END_FORCED, offset))
         self.records_emitted += len(out)
         return out
 

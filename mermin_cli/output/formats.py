@@ -63,6 +63,8 @@ def to_text(record: FlowRecord) -> str:
 class StreamWriter:
     """Writes records to a text stream in one of FORMATS, flushing per batch."""
 
+    name = "stdout"
+
     def __init__(self, stream: TextIO, fmt: str) -> None:
         self.stream = stream
         self.render = to_json if fmt == "json" else to_text

@@ -1,0 +1,1 @@
+"""The local HTTP API of a running capture: health, status and active flows."""

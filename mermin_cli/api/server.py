@@ -1,0 +1,123 @@
+"""Health endpoints and a small read-only JSON API, for probes, `mermin flows` and `doctor`.
+
+GET /livez           {"status": "ok"|"unavailable", "checks": {...}}
+GET /readyz          {"status": "ready"|"not_ready", "checks": {...}}  (503 when not ready)
+GET /api/v1/status   pipeline, kernel counters, interfaces, table usage, exporters
+GET /api/v1/flows    active flows with counters and rates (?limit=N, default 1000)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from mermin_cli.errors import MerminError
+
+log = logging.getLogger("mermin.api")
+
+Checks = Callable[[], dict[str, bool]]
+
+
+class ApiServer:
+    """Serves the endpoints on its own threads, so it answers while the pipeline is busy."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        live: Checks,
+        ready: Checks,
+        status: Callable[[], dict[str, Any]],
+        flows: Callable[[int], dict[str, Any]],
+    ) -> None:
+        routes: dict[str, Callable[[dict[str, list[str]]], tuple[int, dict[str, Any]]]] = {
+            "/livez": lambda _q: _health(live(), "ok", "unavailable"),
+            "/readyz": lambda _q: _health(ready(), "ready", "not_ready"),
+            "/api/v1/status": lambda _q: (200, status()),
+            "/api/v1/flows": lambda q: (200, flows(int(q.get("limit", ["1000"])[0]))),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                route = routes.get(url.path)
+                try:
+                    code, body = (
+                        route(parse_qs(url.query)) if route else (404, {"error": "not found"})
+                    )
+                except ValueError as exc:
+                    code, body = 400, {"error": str(exc)}
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                """Requests are not logged (probes would flood the log)."""
+
+        try:
+            self.httpd = ThreadingHTTPServer((address, port), Handler)
+        except OSError as exc:
+            raise MerminError(
+                _bind_error("API server", 'internal "server"', address, port, exc)
+            ) from exc
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, name="mermin-api", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _health(checks: dict[str, bool], good: str, bad: str) -> tuple[int, dict[str, Any]]:
+    ok = all(checks.values())
+    return (200 if ok else 503), {"status": good if ok else bad, "checks": checks}
+
+
+def _bind_error(what: str, block: str, address: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        reason = "the port is already in use"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason = "that address is not on this host"
+    else:
+        reason = exc.strerror or str(exc)
+    return (
+        f"The {what} cannot listen on {address}:{port} ({reason}); set another port in "
+        f"{block} {{ port = ... }} or disable it with enabled = false."
+    )
+
+
+def start_metrics_server(registry: Any, address: str, port: int) -> Callable[[], None]:
+    """Serve /metrics from `registry`; returns a function that stops the server."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as exc:
+        raise MerminError(
+            _bind_error("metrics server", 'internal "metrics"', address, port, exc)
+        ) from exc
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=2)
+
+    return stop

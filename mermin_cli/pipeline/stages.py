@@ -1,0 +1,296 @@
+"""The user-space stages of a capture, each a thread joined to the next by a Channel.
+
+    kernel ring buffer ─► EventReader ─► worker channels ─► Workers (flow creation, filters)
+    kernel flow table ─► poller (capture loop, FlowTracker.poll) ─► span channel
+      ─► Decorator (hostnames, ...) ─► decorated channel ─► Exporter (stdout, OTLP, ...)
+
+Every hand-over is a non-blocking put: a full channel drops and counts, so a slow stage
+never stalls the ones before it (the kernel reader least of all). Only the shutdown
+flush waits for room, because records must not be lost on a clean exit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from mermin_cli.engine.layout import EVENT_DTYPE
+from mermin_cli.flows.record import FlowRecord
+from mermin_cli.flows.tracker import FlowTracker
+from mermin_cli.metrics.registry import Metrics
+from mermin_cli.pipeline.channel import Channel
+
+log = logging.getLogger("mermin.pipeline")
+
+BATCH = 1024  # items a stage takes from its channel at once
+IDLE_WAIT = 0.1  # seconds a stage waits for work before checking whether to stop
+
+
+class Sink(Protocol):
+    """Where records end: stdout, an OTLP exporter, ..."""
+
+    name: str
+
+    def write(self, records: list[FlowRecord]) -> None: ...
+
+
+class Stage(threading.Thread):
+    """A thread that runs `step()` until stopped, then drains its input once more."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=f"mermin-{name}", daemon=True)
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def step(self) -> int:  # returns the number of items handled
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self.step()
+            while self.step():  # drain what is left
+                pass
+        except BaseException as exc:  # a dead stage is reported by the capture loop
+            self.error = exc
+            log.exception("pipeline stage %s failed", self.name)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+
+
+class EventReader(Stage):
+    """Ring-buffer stage: new-flow events from the kernel, dispatched to worker channels."""
+
+    def __init__(self, bpf: Any, workers: Sequence[Channel[bytes]], metrics: Metrics) -> None:
+        super().__init__("ringbuf")
+        self.bpf = bpf
+        self.workers = workers
+        self.metrics = metrics
+        self.received = 0
+        self.dispatched = 0
+        self.dropped = 0
+        self._pending: list[bytes] = []
+
+        def on_event(_ctx: Any, data: int, size: int) -> int:
+            self._pending.append(ctypes.string_at(data, size))
+            return 0
+
+        self._callback = on_event  # BCC keeps only a weak reference to the callback
+        bpf[b"flow_events"].open_ring_buffer(on_event)
+
+    def step(self) -> int:
+        self.bpf.ring_buffer_consume()  # the kernel sets no wake-ups: read at a cadence
+        events, self._pending = self._pending, []
+        if not events:
+            time.sleep(IDLE_WAIT)
+            return 0
+        self.received += len(events)
+        self.metrics.ringbuf_packets.labels(type="received").inc(len(events))
+        self.metrics.ringbuf_bytes.inc(sum(len(e) for e in events))
+        shards: list[list[bytes]] = [[] for _ in self.workers]
+        for ev in events:
+            shards[hash(ev[: EVENT_DTYPE["key"].itemsize]) % len(shards)].append(ev)
+        for channel, batch in zip(self.workers, shards, strict=True):
+            if batch:
+                accepted = channel.put_many(batch)
+                self.dispatched += accepted
+                self.dropped += len(batch) - accepted
+                self.metrics.events_dropped_backpressure.inc(len(batch) - accepted)
+        return len(events)
+
+
+class Worker(Stage):
+    """Worker stage: turns new-flow events into tracked flows (orientation, filters)."""
+
+    def __init__(self, idx: int, channel: Channel[bytes], tracker: FlowTracker, metrics: Metrics,
+                 interface_name: Callable[[int], str | None]) -> None:  # fmt: skip
+        super().__init__(f"worker-{idx}")
+        self.channel = channel
+        self.tracker = tracker
+        self.metrics = metrics
+        self.interface_name = interface_name
+        self.outcomes = {"created": 0, "filtered": 0, "known": 0, "gone": 0}
+
+    def step(self) -> int:
+        events = self.channel.get_many(BATCH, IDLE_WAIT)
+        started = time.perf_counter()
+        for raw in events:
+            ev = np.frombuffer(raw, dtype=EVENT_DTYPE)[0]
+            outcome = self.tracker.adopt(ev["key"])
+            self.outcomes[outcome] += 1
+            if outcome == "created":
+                self.metrics.spans_processed.inc()
+                name = self.interface_name(int(ev["key"]["ifindex"])) or "unknown"
+                self.metrics.spans_created.labels(interface=name).inc()
+            elif outcome == "filtered":
+                self.metrics.spans_filtered.labels(where="userspace").inc()
+        if events:
+            self.metrics.latency.labels(stage="flow_ingestion").observe(
+                time.perf_counter() - started
+            )
+        return len(events)
+
+
+class Decorator(Stage):
+    """Decoration stage: enrich records (hostnames, ...) and hand them to the exporter."""
+
+    def __init__(
+        self,
+        source: Channel[FlowRecord],
+        target: Channel[FlowRecord],
+        decorators: Sequence[Callable[[list[FlowRecord]], None]],
+        metrics: Metrics,
+    ) -> None:
+        super().__init__("decorator")
+        self.source, self.target = source, target
+        self.decorators = decorators
+        self.metrics = metrics
+        self.flushing = False  # at shutdown: wait for room instead of dropping
+
+    def step(self) -> int:
+        records = self.source.get_many(BATCH, IDLE_WAIT)
+        if not records:
+            return 0
+        started = time.perf_counter()
+        for decorate in self.decorators:
+            decorate(records)
+        self.metrics.spans_decorated.inc(len(records))
+        self.metrics.latency.labels(stage="decoration").observe(time.perf_counter() - started)
+        accepted = self.target.put_many(records, block=self.flushing)
+        self.metrics.dropped_export_failure.inc(len(records) - accepted)
+        return len(records)
+
+
+class Exporter(Stage):
+    """Export stage: every sink gets every record."""
+
+    def __init__(
+        self, source: Channel[FlowRecord], sinks: Sequence[Sink], metrics: Metrics
+    ) -> None:
+        super().__init__("exporter")
+        self.source = source
+        self.sinks = sinks
+        self.metrics = metrics
+        self.exported = 0
+
+    def step(self) -> int:
+        records = self.source.get_many(BATCH, IDLE_WAIT)
+        if not records:
+            return 0
+        self.metrics.sent_to_exporter.inc(len(records))
+        self.metrics.export_batch.observe(len(records))
+        for sink in self.sinks:
+            started = time.perf_counter()
+            sink.write(records)
+            self.metrics.export_latency.observe(time.perf_counter() - started)
+            self.metrics.export_spans.labels(exporter=sink.name, status="ok").inc(len(records))
+        self.exported += len(records)
+        return len(records)
+
+
+class Pipeline:
+    """All user-space stages of one capture, wired with channels sized from the config."""
+
+    def __init__(
+        self,
+        bpf: Any,
+        tracker: FlowTracker,
+        metrics: Metrics,
+        *,
+        workers: int,
+        worker_queue: int,
+        span_queue: int,
+        decorated_queue: int,
+        interface_name: Callable[[int], str | None],
+        decorators: Sequence[Callable[[list[FlowRecord]], None]],
+        sinks: Sequence[Sink],
+    ) -> None:
+        self.metrics = metrics
+        self.worker_channels: list[Channel[bytes]] = [
+            Channel(f"worker_{i}", worker_queue) for i in range(workers)
+        ]
+        self.spans: Channel[FlowRecord] = Channel("flow_span", span_queue)
+        self.decorated: Channel[FlowRecord] = Channel("decorated_span", decorated_queue)
+        self.reader = EventReader(bpf, self.worker_channels, metrics)
+        self.workers = [
+            Worker(i, ch, tracker, metrics, interface_name)
+            for i, ch in enumerate(self.worker_channels)
+        ]
+        self.decorator = Decorator(self.spans, self.decorated, decorators, metrics)
+        self.exporter = Exporter(self.decorated, sinks, metrics)
+        self.records_in = 0  # records the poller handed to the pipeline
+        for ch in self.channels:
+            metrics.channel_capacity.labels(channel=ch.name).set(ch.capacity)
+
+    @property
+    def channels(self) -> list[Channel[Any]]:
+        return [*self.worker_channels, self.spans, self.decorated]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.reader, *self.workers, self.decorator, self.exporter]
+
+    def start(self) -> None:
+        for stage in self.stages:
+            stage.start()
+
+    def emit(self, records: list[FlowRecord], block: bool = False) -> None:
+        """Poller stage output: records into the span channel (full: dropped and counted)."""
+        self.records_in += len(records)
+        for r in records:
+            self.metrics.spans_expired.labels(reason=r.attributes["flow.end_reason"]).inc()
+        self.spans.put_many(records, block=block)
+
+    def failed(self) -> Stage | None:
+        return next((s for s in self.stages if s.error is not None), None)
+
+    def finish(self, final: list[FlowRecord]) -> None:
+        """Shutdown: stop intake, hand over the final records without loss, drain, stop."""
+        for stage in (self.reader, *self.workers):
+            stage.stop()
+        self.decorator.flushing = True
+        self.emit(final, block=True)
+        self.decorator.stop()
+        self.exporter.stop()
+
+    def refresh_metrics(self) -> None:
+        for ch in self.channels:
+            self.metrics.channel_size.labels(channel=ch.name).set(len(ch))
+            self.metrics.advance(
+                self.metrics.channel_dropped, "channel_dropped", ch.dropped, channel=ch.name
+            )
+
+    def status(self) -> dict[str, Any]:
+        """Per-stage accounting: in == out + dropped (+ filtered) for every stage."""
+        outcomes = {k: sum(w.outcomes[k] for w in self.workers) for k in self.workers[0].outcomes}
+        return {
+            "ringbuf": {
+                "received": self.reader.received,
+                "dispatched": self.reader.dispatched,
+                "dropped_backpressure": self.reader.dropped,
+            },
+            "workers": {"in": sum(ch.taken for ch in self.worker_channels), **outcomes},
+            "poller": {"records": self.records_in},
+            "flow_span_channel": _channel(self.spans),
+            "decorated_span_channel": _channel(self.decorated),
+            "exporter": {"in": self.decorated.taken, "exported": self.exporter.exported},
+            "worker_channels": [_channel(ch) for ch in self.worker_channels],
+        }
+
+
+def _channel(ch: Channel[Any]) -> dict[str, int]:
+    return {
+        "capacity": ch.capacity,
+        "size": len(ch),
+        "accepted": ch.accepted,
+        "dropped": ch.dropped,
+        "taken": ch.taken,
+    }
