@@ -80,6 +80,8 @@ class Capture:
         self.stop = threading.Event()
         self.hup = threading.Event()
         self.started_ns = time.time_ns()
+        self.ready = threading.Event()  # set once attached and serving (embedders wait on it)
+        self.api_port: int | None = None  # the API server's port (also when configured as 0)
 
     def run(self) -> None:
         require_capture_privileges()
@@ -124,6 +126,7 @@ class Capture:
                 state = RunState(self, program, attacher, hooks, tracker, pipeline, metrics)
                 closers += self._serve(state)
                 pipeline.start()
+                self.ready.set()
                 log.info(
                     "capturing on %s (%s); program loaded in %.2fs",
                     ", ".join(i.name for i in chosen),
@@ -170,6 +173,7 @@ class Capture:
                 flows=state.flows,
             )
             api.start()
+            self.api_port = api.port
             closers.append(api.close)
         return closers
 
