@@ -64,8 +64,6 @@ class FlowState:
     """What we remember about a flow between its records."""
 
     fwd: int  # key direction index of source -> destination
-    static: dict[str, Any]  # attributes fixed for the flow's lifetime
-    name: str
     kind: str
     community_id: str
     first_ns: int
@@ -274,7 +272,7 @@ class FlowTracker:
         end = max(int(stats["last_ns"]) + offset, start)
         state.prev_end, state.packets, state.octets = end, packets, octets
 
-        attrs = dict(state.static)
+        attrs = self.static_attributes(key, stats, state)
         attrs["flow.end_reason"] = reason
         attrs.update(
             {
@@ -290,7 +288,7 @@ class FlowTracker:
         )
         attrs.update(_dynamic_attributes(key, stats, f))
         yield FlowRecord(
-            name=state.name,
+            name=f"flow_{attrs['network.type']}_{attrs['network.transport']}",
             kind=state.kind,
             trace_id=self.trace_ids.get(state.community_id, int(stats["last_ns"])),
             span_id=secrets.token_hex(8),
@@ -300,6 +298,7 @@ class FlowTracker:
         )
 
     def _new_state(self, key: np.void, stats: np.void) -> FlowState:
+        """Orientation, kind and Community ID, decided once; filters applied once."""
         ip_ver, proto = int(key["ip_ver"]), int(key["proto"])
         lo = _addr(key["lo_addr"].tobytes(), ip_ver)
         hi = _addr(key["hi_addr"].tobytes(), ip_ver)
@@ -317,69 +316,68 @@ class FlowTracker:
             self.host,
         )
         src, dst = (lo, hi) if fwd == 0 else (hi, lo)
+        seed = self.span.community_id_seed
         if proto in ICMP:
-            # ICMP has no ports: show the initiator's type and code, as Community ID does.
-            sport, dport = int(stats["icmp_type"][fwd]), int(stats["icmp_code"][fwd])
             # Community ID hashes the first packet as it was sent (one-way types keep order).
             sender = (lo, hi) if first_dir == 0 else (hi, lo)
-            cid = community_id(
-                proto,
-                *sender,
-                int(stats["icmp_type"][first_dir]),
-                int(stats["icmp_code"][first_dir]),
-                self.span.community_id_seed,
-            )
-        else:
+            t, c = int(stats["icmp_type"][first_dir]), int(stats["icmp_code"][first_dir])
+            cid = community_id(proto, *sender, t, c, seed)
+        elif proto in PORTED:
             sport, dport = (ports[0], ports[1]) if fwd == 0 else (ports[1], ports[0])
-            if proto not in PORTED:
-                sport = dport = 0
-            cid = community_id(
-                proto,
-                src,
-                dst,
-                sport if proto in PORTED else None,
-                dport if proto in PORTED else None,
-                self.span.community_id_seed,
-            )
-        kind = span_kind(src, dst, self.host)
-        network_type = f"ipv{ip_ver}"
-        transport = names.transport_name(proto)
-        ifindex = int(key["ifindex"])
-        static: dict[str, Any] = {
-            "flow.community_id": cid,
-            "flow.direction": DIRECTION_OF_KIND[kind],
-            "source.address": str(ipaddress.ip_address(src)),
-            "source.port": sport,
-            "destination.address": str(ipaddress.ip_address(dst)),
-            "destination.port": dport,
-            "network.type": network_type,
-            "network.transport": transport,
-            "network.interface.index": ifindex,
-        }
-        ifname = self.interface_name(ifindex)
-        if ifname is not None:
-            static["network.interface.name"] = ifname
-        if int(stats["vlan_id"]):
-            static["network.vlan.id"] = int(stats["vlan_id"])
-        mac = stats["mac"].tobytes()
-        if any(mac):
-            static["network.interface.mac"] = mac.hex(":")
-        if int(stats["flags"]) & FLOW_F_FRAGMENT:
-            static["flow.ip.fragmented"] = True
+            cid = community_id(proto, src, dst, sport, dport, seed)
+        else:
+            cid = community_id(proto, src, dst, None, None, seed)
         state = FlowState(
             fwd=fwd,
-            static=static,
-            name=f"flow_{network_type}_{transport}",
-            kind=kind,
+            kind=span_kind(src, dst, self.host),
             community_id=cid,
             first_ns=int(stats["first_ns"]),
         )
         if self.flow_filter and not self.flow_filter.allows(
-            {**static, **_dynamic_attributes(key, stats, fwd)}
+            {**self.static_attributes(key, stats, state), **_dynamic_attributes(key, stats, fwd)}
         ):
             state.filtered = True
             self.filtered += 1
         return state
+
+    def static_attributes(self, key: np.void, stats: np.void, state: FlowState) -> dict[str, Any]:
+        """Attributes fixed for a flow's lifetime, rebuilt per record (not kept per flow:
+        a tracked flow costs a few hundred bytes of Python memory, not kilobytes)."""
+        ip_ver, proto = int(key["ip_ver"]), int(key["proto"])
+        ends = [
+            (_addr(key["lo_addr"].tobytes(), ip_ver), int(key["lo_port"])),
+            (_addr(key["hi_addr"].tobytes(), ip_ver), int(key["hi_port"])),
+        ]
+        (src, sport), (dst, dport) = ends[state.fwd], ends[1 - state.fwd]
+        if proto in ICMP:
+            # ICMP has no ports: show the initiator's type and code, as Community ID does.
+            sport = int(stats["icmp_type"][state.fwd])
+            dport = int(stats["icmp_code"][state.fwd])
+        elif proto not in PORTED:
+            sport = dport = 0
+        ifindex = int(key["ifindex"])
+        attrs: dict[str, Any] = {
+            "flow.community_id": state.community_id,
+            "flow.direction": DIRECTION_OF_KIND[state.kind],
+            "source.address": str(ipaddress.ip_address(src)),
+            "source.port": sport,
+            "destination.address": str(ipaddress.ip_address(dst)),
+            "destination.port": dport,
+            "network.type": f"ipv{ip_ver}",
+            "network.transport": names.transport_name(proto),
+            "network.interface.index": ifindex,
+        }
+        ifname = self.interface_name(ifindex)
+        if ifname is not None:
+            attrs["network.interface.name"] = ifname
+        if int(stats["vlan_id"]):
+            attrs["network.vlan.id"] = int(stats["vlan_id"])
+        mac = stats["mac"].tobytes()
+        if any(mac):
+            attrs["network.interface.mac"] = mac.hex(":")
+        if int(stats["flags"]) & FLOW_F_FRAGMENT:
+            attrs["flow.ip.fragmented"] = True
+        return attrs
 
 
 def _dynamic_attributes(key: np.void, stats: np.void, f: int) -> dict[str, Any]:

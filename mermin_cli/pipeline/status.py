@@ -190,7 +190,11 @@ class RunState:
             before = prev.get(kb, (0, 0))
             out.append(
                 {
-                    **_endpoints(key, fwd, state.static if state else None),
+                    **_endpoints(
+                        key,
+                        fwd,
+                        self.tracker.static_attributes(key, stats, state) if state else None,
+                    ),
                     "network.interface.name": self.hooks.names.get(int(key["ifindex"]), ""),
                     "kind": state.kind if state else "",
                     "state": _tcp_state(key, stats, fwd),
@@ -205,12 +209,16 @@ class RunState:
         return {"time_unix_nano": now + offset, "flows": out}
 
 
-def _endpoints(key: np.void, fwd: int, static: dict[str, Any] | None) -> dict[str, Any]:
-    if static is not None:
-        return {k: static[k] for k in (
-            "source.address", "source.port", "destination.address", "destination.port",
-            "network.type", "network.transport",
-        )}  # fmt: skip
+ENDPOINT_FIELDS = (
+    "source.address", "source.port", "destination.address", "destination.port",
+    "network.type", "network.transport",
+)  # fmt: skip
+
+
+def _endpoints(key: np.void, fwd: int, known: dict[str, Any] | None) -> dict[str, Any]:
+    """Who talks to whom: from the tracked flow when known, else from the raw key."""
+    if known is not None:
+        return {k: known[k] for k in ENDPOINT_FIELDS}
     ip_ver, proto = int(key["ip_ver"]), int(key["proto"])
     width = 4 if ip_ver == 4 else 16
     lo = str(ipaddress.ip_address(key["lo_addr"].tobytes()[:width]))
