@@ -137,6 +137,7 @@ class FlowTracker:
         self.evicted = 0
         self.filtered = 0  # flows rejected by the Python-side filters
         self.table_size = 0  # entries in the kernel table at the last poll
+        self.last_poll_seconds = 0.0
         # The last two reads, for the live view: (kernel time, keys, stats).
         self.snapshot: tuple[int, np.ndarray, np.ndarray] | None = None
         self.previous_snapshot: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -163,6 +164,7 @@ class FlowTracker:
 
     def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
         """One poll: records for idle, closing, due and (table nearly full) evicted flows."""
+        started = time.perf_counter()
         keys, vals = self.table.read()
         self.table_size = len(keys)
         now = self.clock.now_ns() if now_ns is None else now_ns
@@ -170,7 +172,9 @@ class FlowTracker:
         self.host.refresh()
         offset = self.clock.wall_offset_ns()
         with self.lock:
-            return self._poll(keys, vals, now, offset)
+            records = self._poll(keys, vals, now, offset)
+        self.last_poll_seconds = time.perf_counter() - started
+        return records
 
     def _poll(self, keys: np.ndarray, vals: np.ndarray, now: int, offset: int) -> list[FlowRecord]:
         out: list[FlowRecord] = []

@@ -189,9 +189,8 @@ class Capture:
             if self.hup.is_set():
                 self.hup.clear()
                 self._reload(state)
-            started = time.perf_counter()
             state.pipeline.emit(state.tracker.poll())
-            state.metrics.latency.labels(stage="flow_poll").observe(time.perf_counter() - started)
+            state.metrics.latency.labels(stage="flow_poll").observe(state.tracker.last_poll_seconds)
             state.refresh()
             state.hooks.reconcile()
             if state.hooks.failure or state.pipeline.failed():

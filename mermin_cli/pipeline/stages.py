@@ -30,6 +30,7 @@ log = logging.getLogger("mermin.pipeline")
 
 BATCH = 1024  # items a stage takes from its channel at once
 IDLE_WAIT = 0.1  # seconds a stage waits for work before checking whether to stop
+RINGBUF_IDLE_WAIT = 0.02  # the ring buffer holds flow_events_capacity events meanwhile
 
 
 class Sink(Protocol):
@@ -87,10 +88,12 @@ class EventReader(Stage):
         bpf[b"flow_events"].open_ring_buffer(on_event)
 
     def step(self) -> int:
-        self.bpf.ring_buffer_consume()  # the kernel sets no wake-ups: read at a cadence
+        # The kernel sets no wake-ups (a wake-up per new flow would cost more than it
+        # saves): read at a cadence while idle, back to back while events keep coming.
+        self.bpf.ring_buffer_consume()
         events, self._pending = self._pending, []
         if not events:
-            time.sleep(IDLE_WAIT)
+            time.sleep(RINGBUF_IDLE_WAIT)
             return 0
         self.received += len(events)
         self.metrics.ringbuf_packets.labels(type="received").inc(len(events))

@@ -151,6 +151,7 @@ class RunState:
                 "zero_suppressed": self.tracker.zero_suppressed,
                 "evicted": self.tracker.evicted,
                 "filtered_userspace": self.tracker.filtered,
+                "last_poll_ms": round(self.tracker.last_poll_seconds * 1000, 2),
             },
             "pipeline": self.pipeline.status(),
             "config": {
