@@ -91,7 +91,9 @@ def _builder(subject: str, issuer: str, key: ec.EllipticCurvePrivateKey) -> x509
     )
 
 
-def make_tls(directory: Path, name: str = "mermin-test", require_client_cert: bool = False) -> TlsFiles:
+def make_tls(
+    directory: Path, name: str = "mermin-test", require_client_cert: bool = False
+) -> TlsFiles:
     """Generate a CA and a server and client certificate signed by it, as PEM files."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key = _key()
@@ -100,12 +102,18 @@ def make_tls(directory: Path, name: str = "mermin-test", require_client_cert: bo
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
         )
@@ -212,7 +220,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
 
-    def Export(  # noqa: N802 (generated gRPC method name)
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
@@ -252,7 +260,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HttpServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet."""
 
     def _reply(self, status: int, body: bytes, content_type: str) -> None:
@@ -262,7 +270,7 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.path != HTTP_PATH:
             self._reply(404, b"not found", "text/plain")
@@ -325,7 +333,9 @@ class Receiver:
                 self.rejected += 1
         return ok
 
-    def record(self, request: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]) -> None:
+    def record(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]
+    ) -> None:
         if self.delay:
             time.sleep(self.delay)
         received: list[ReceivedSpan] = []
@@ -353,7 +363,9 @@ class Receiver:
         with _in_netns(self.netns):
             if self.protocol == "grpc":
                 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-                trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
+                trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+                    _TraceService(self), server
+                )
                 if self.tls:
                     creds = grpc.ssl_server_credentials(
                         [(self.tls.server_key.read_bytes(), self.tls.server_cert.read_bytes())],

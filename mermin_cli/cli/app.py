@@ -56,11 +56,15 @@ def capture(
     interface: InterfaceOpt = None,
     config: ConfigOpt = None,
     output_format: Annotated[
-        OutputFormat,
+        OutputFormat | None,
         typer.Option(
-            "--format", "-o", help="Records on stdout: text (aligned lines) or json (NDJSON)."
+            "--format",
+            "-o",
+            help="Records on stdout: text (aligned lines) or json (NDJSON). "
+            "Default: the config's stdout exporter if it has one, else text.",
+            show_default=False,
         ),
-    ] = OutputFormat.text,
+    ] = None,
     duration: Annotated[
         float | None,
         typer.Option("--duration", help="Stop after this many seconds.", min=0.0),
@@ -72,20 +76,44 @@ def capture(
             help="Hook mechanism: TCX links (kernel >= 6.6), tc clsact filters, or auto.",
         ),
     ] = AttachMode.auto,
+    read: Annotated[
+        str | None,
+        typer.Option(
+            "--read",
+            "-r",
+            help="Read packets from a pcap/pcapng file (gzip too; - for stdin) instead of "
+            "interfaces; times are the recording's.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
 ) -> None:
     """Capture flows and print a record per flow window (Ctrl-C flushes and stops)."""
     from mermin_cli.config.loader import load_config
+    from mermin_cli.errors import UsageError
     from mermin_cli.output.formats import StreamWriter
     from mermin_cli.pipeline.capture import Capture, CaptureOptions
 
+    if read is not None and (interface or duration is not None):
+        raise UsageError(
+            "--read takes its packets from the file; leave out -i/--interface and --duration."
+        )
     overrides = _overrides(
         log_level=log_level,
         **{"discovery.instrument.interfaces": tuple(interface) if interface else None},
     )
     cfg = load_config(config, overrides=overrides)
     setup_logging(cfg.log_level)
-    writer = StreamWriter(sys.stdout, output_format.value)
+    if output_format is None and cfg.export.traces.stdout is None:
+        output_format = OutputFormat.text
+    writer = StreamWriter(sys.stdout, output_format.value) if output_format else None
+    if read is not None:
+        from mermin_cli.pipeline.offline import OfflineCapture
+
+        # Integration point: the OTLP sinks of mermin_cli/export join `writer` here, as
+        # for live capture.
+        OfflineCapture(cfg, read, [writer]).run()
+        return
     options = CaptureOptions(duration=duration, attach_mode=attach.value)
     Capture(cfg, writer, options, reload=lambda: load_config(config, overrides=overrides)).run()
 
@@ -188,9 +216,10 @@ def version() -> None:
 
 
 def _register_subapps() -> None:
-    from mermin_cli.cli import config_cmd
+    from mermin_cli.cli import config_cmd, export_cmd
 
     app.add_typer(config_cmd.app, name="config")
+    app.command()(export_cmd.export)
 
 
 _register_subapps()

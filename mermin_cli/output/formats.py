@@ -61,16 +61,24 @@ def to_text(record: FlowRecord) -> str:
 
 
 class StreamWriter:
-    """Writes records to a text stream in one of FORMATS, flushing per batch."""
+    """The `--format` output of `capture`: records on a stream, written synchronously so a
+    slow reader (a pipe) slows the export stage down rather than losing records here."""
 
     name = "stdout"
+    failed = 0
+    dropped = 0
 
     def __init__(self, stream: TextIO, fmt: str) -> None:
         self.stream = stream
         self.render = to_json if fmt == "json" else to_text
+        self.sent = 0
 
     def write(self, records: Iterable[FlowRecord]) -> None:
         lines = [self.render(r) for r in records]
         if lines:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
+            self.sent += len(lines)
+
+    def close(self) -> None:
+        """Nothing is buffered."""

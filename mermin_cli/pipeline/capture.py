@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from mermin_cli.api.server import ApiServer, start_metrics_server
@@ -18,12 +18,16 @@ from mermin_cli.engine.attach import Attacher
 from mermin_cli.engine.privileges import require_capture_privileges
 from mermin_cli.engine.program import FlowProgram, import_bcc
 from mermin_cli.errors import MerminError
+from mermin_cli.export.hostnames import HostnameResolver
+from mermin_cli.export.otlp import build_sinks
+from mermin_cli.export.sink import Sink
+from mermin_cli.export.spans import build_resource
+from mermin_cli.export.stdout import StdoutSink
 from mermin_cli.flows.filters import FlowFilter, KernelFilter
 from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
 from mermin_cli.logs import set_level
 from mermin_cli.metrics.registry import Metrics
-from mermin_cli.output.formats import StreamWriter
 from mermin_cli.pipeline.hooks import Hooks
 from mermin_cli.pipeline.stages import Pipeline
 from mermin_cli.pipeline.status import RunState
@@ -69,12 +73,12 @@ class Capture:
     def __init__(
         self,
         config: Config,
-        writer: StreamWriter,
+        writer: Sink | None,
         options: CaptureOptions,
         reload: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
-        self.writer = writer
+        self.writer = writer  # the --format output; None: the config's stdout exporter if any
         self.options = options
         self.reload = reload
         self.stop = threading.Event()
@@ -82,76 +86,96 @@ class Capture:
         self.started_ns = time.time_ns()
         self.ready = threading.Event()  # set once attached and serving (embedders wait on it)
         self.api_port: int | None = None  # the API server's port (also when configured as 0)
+        self.sinks: list[Sink] = []
 
     def run(self) -> None:
         require_capture_privileges()
         import_bcc()
         cfg = self.config
-        instrument = cfg.discovery.instrument
-        capacity = cfg.pipeline.flow_capture.flow_stats_capacity
-        program = FlowProgram(capacity, cfg.pipeline.flow_capture.flow_events_capacity)
-        attacher = Attacher(
-            program,
-            mode=self.options.attach_mode,
-            tc_priority=instrument.tc_priority,
-            first=instrument.tcx_order == "first",
-        )
-        hooks = Hooks(attacher, tuple(instrument.interfaces), instrument.auto_discover_interfaces)
-        watcher = LinkWatcher(hooks.reconcile) if hooks.auto_discover else None
-        closers: list[Callable[[], None]] = []
         pipeline: Pipeline | None = None
-        try:
-            with _handle_signals(self.stop, self.hup):
-                chosen = hooks.start()
-                if watcher:
-                    watcher.start()
-                table = FlowTable(program.flows_fd, capacity, program.bpf_lib)
-                tracker = FlowTracker(table, cfg.span, hooks.names.get)
-                self._apply_filters(program, tracker, cfg)
-                metrics = Metrics()
-                metrics.method.labels(attachment=attacher.mode).set(1)
-                producer = cfg.pipeline.flow_producer
-                pipeline = Pipeline(
-                    program.bpf,
-                    tracker,
-                    metrics,
-                    workers=producer.workers,
-                    worker_queue=producer.worker_queue_capacity,
-                    span_queue=producer.flow_span_queue_capacity,
-                    decorated_queue=cfg.pipeline.k8s_decorator.decorated_span_queue_capacity,
-                    interface_name=hooks.names.get,
-                    decorators=[],
-                    sinks=[self.writer],
-                )
-                state = RunState(self, program, attacher, hooks, tracker, pipeline, metrics)
-                closers += self._serve(state)
-                pipeline.start()
-                self.ready.set()
-                log.info(
-                    "capturing on %s (%s); program loaded in %.2fs",
-                    ", ".join(i.name for i in chosen),
-                    attacher.mode,
-                    program.load_seconds,
-                )
+        # Cleanup runs in reverse: servers, hooks (detach), program, exporters (flush).
+        with ExitStack() as cleanup:
+            # Exporters first: a bad export config fails before anything is attached.
+            for sink in self._sinks():
+                self.sinks.append(sink)
+                cleanup.callback(sink.close)
+            resolver = None
+            if cfg.span.enable_hostname_resolution:
+                resolver = HostnameResolver(cfg.span.hostname_resolve_timeout)
+                cleanup.callback(resolver.close)
+            instrument = cfg.discovery.instrument
+            capacity = cfg.pipeline.flow_capture.flow_stats_capacity
+            program = FlowProgram(capacity, cfg.pipeline.flow_capture.flow_events_capacity)
+            cleanup.callback(program.close)
+            attacher = Attacher(
+                program,
+                mode=self.options.attach_mode,
+                tc_priority=instrument.tc_priority,
+                first=instrument.tcx_order == "first",
+            )
+            cleanup.callback(attacher.close)
+            hooks = Hooks(
+                attacher, tuple(instrument.interfaces), instrument.auto_discover_interfaces
+            )
+            cleanup.enter_context(_handle_signals(self.stop, self.hup))
+            chosen = hooks.start()
+            if hooks.auto_discover:
+                watcher = LinkWatcher(hooks.reconcile)
+                watcher.start()
+                cleanup.callback(watcher.stop)
+            table = FlowTable(program.flows_fd, capacity, program.bpf_lib)
+            tracker = FlowTracker(table, cfg.span, hooks.names.get)
+            self._apply_filters(program, tracker, cfg)
+            metrics = Metrics()
+            metrics.method.labels(attachment=attacher.mode).set(1)
+            producer = cfg.pipeline.flow_producer
+            pipeline = Pipeline(
+                program.bpf,
+                tracker,
+                metrics,
+                workers=producer.workers,
+                worker_queue=producer.worker_queue_capacity,
+                span_queue=producer.flow_span_queue_capacity,
+                decorated_queue=cfg.pipeline.k8s_decorator.decorated_span_queue_capacity,
+                interface_name=hooks.names.get,
+                decorators=[resolver.decorate] if resolver else [],
+                sinks=self.sinks,
+            )
+            state = RunState(self, program, attacher, hooks, tracker, pipeline, metrics)
+            for close in self._serve(state):
+                cleanup.callback(close)
+            pipeline.start()
+            self.ready.set()
+            log.info(
+                "capturing on %s (%s); program loaded in %.2fs",
+                ", ".join(i.name for i in chosen),
+                attacher.mode,
+                program.load_seconds,
+            )
+            try:
                 self._loop(state)
                 pipeline.finish(tracker.flush())
                 state.refresh()
                 state.summary()
-        except BrokenPipeError:
-            # The reader went away (`| head`): stop quietly, still detaching below.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-        finally:
-            for close in closers:
-                close()
-            if watcher:
-                watcher.stop()
-            attacher.close()
-            program.close()
+            except BrokenPipeError:
+                # The reader went away (`| head`): stop quietly, still cleaning up.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         if hooks.failure:
             raise MerminError(hooks.failure)
         if pipeline and (stage := pipeline.failed()):
             raise MerminError(f"The pipeline stage {stage.name} failed: {stage.error}.")
+
+    def _sinks(self) -> list[Sink]:
+        """The --format writer and the exporters of `export "traces"`. An explicit
+        --format replaces the config's stdout exporter (one stream, one format)."""
+        configured = build_sinks(self.config.export.traces, build_resource())
+        if self.writer is None:
+            return configured
+        for sink in configured:
+            if isinstance(sink, StdoutSink):
+                log.info("--format replaces the stdout exporter of the config")
+                sink.close()
+        return [self.writer, *(s for s in configured if not isinstance(s, StdoutSink))]
 
     def _serve(self, state: RunState) -> list[Callable[[], None]]:
         """Start the metrics and API servers the config enables; returns their stoppers."""

@@ -16,11 +16,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from mermin_cli.engine.layout import EVENT_DTYPE
+from mermin_cli.export.sink import Sink
 from mermin_cli.flows.record import FlowRecord
 from mermin_cli.flows.tracker import FlowTracker
 from mermin_cli.metrics.registry import Metrics
@@ -31,14 +32,6 @@ log = logging.getLogger("mermin.pipeline")
 BATCH = 1024  # items a stage takes from its channel at once
 IDLE_WAIT = 0.1  # seconds a stage waits for work before checking whether to stop
 RINGBUF_IDLE_WAIT = 0.02  # the ring buffer holds flow_events_capacity events meanwhile
-
-
-class Sink(Protocol):
-    """Where records end: stdout, an OTLP exporter, ..."""
-
-    name: str
-
-    def write(self, records: list[FlowRecord]) -> None: ...
 
 
 class Stage(threading.Thread):
@@ -192,9 +185,8 @@ class Exporter(Stage):
         self.metrics.export_batch.observe(len(records))
         for sink in self.sinks:
             started = time.perf_counter()
-            sink.write(records)
+            sink.write(records)  # queued by OTLP sinks, written at once by stdout
             self.metrics.export_latency.observe(time.perf_counter() - started)
-            self.metrics.export_spans.labels(exporter=sink.name, status="ok").inc(len(records))
         self.exported += len(records)
         return len(records)
 
@@ -265,11 +257,15 @@ class Pipeline:
         self.exporter.stop()
 
     def refresh_metrics(self) -> None:
+        m = self.metrics
         for ch in self.channels:
-            self.metrics.channel_size.labels(channel=ch.name).set(len(ch))
-            self.metrics.advance(
-                self.metrics.channel_dropped, "channel_dropped", ch.dropped, channel=ch.name
-            )
+            m.channel_size.labels(channel=ch.name).set(len(ch))
+            m.advance(m.channel_dropped, "channel_dropped", ch.dropped, channel=ch.name)
+        for sink in self.exporter.sinks:
+            for status, total in (("ok", sink.sent), ("error", sink.failed),
+                                  ("dropped", sink.dropped)):  # fmt: skip
+                m.advance(m.export_spans, "export", total, exporter=sink.name, status=status)
+            m.advance(m.dropped_export_failure, f"sink {sink.name}", sink.failed + sink.dropped)
 
     def status(self) -> dict[str, Any]:
         """Per-stage accounting: in == out + dropped (+ filtered) for every stage."""
@@ -284,7 +280,14 @@ class Pipeline:
             "poller": {"records": self.records_in},
             "flow_span_channel": _channel(self.spans),
             "decorated_span_channel": _channel(self.decorated),
-            "exporter": {"in": self.decorated.taken, "exported": self.exporter.exported},
+            "exporter": {
+                "in": self.decorated.taken,
+                "handed_to_sinks": self.exporter.exported,
+                "sinks": {
+                    s.name: {"sent": s.sent, "failed": s.failed, "dropped": s.dropped}
+                    for s in self.exporter.sinks
+                },
+            },
             "worker_channels": [_channel(ch) for ch in self.worker_channels],
         }
 

@@ -1,0 +1,1 @@
+"""OpenTelemetry export: spans from flow records, OTLP and stdout sinks, hostname decoration."""
