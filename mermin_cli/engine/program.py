@@ -48,6 +48,7 @@ class FlowProgram:
 
     def __init__(self, max_flows: int, event_capacity: int = 1024, offline: bool = False) -> None:
         self.max_flows = max_flows
+        self.event_bytes = event_pages(event_capacity) * 4096
         self.offline = offline
         self.headers = prepare_bcc_headers()
         bcc = import_bcc()

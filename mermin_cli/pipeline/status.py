@@ -58,6 +58,8 @@ class RunState:
         capacity = self.program.max_flows
         m.map_size.labels(map="FLOW_STATS").set(self.tracker.table_size)
         m.map_capacity.labels(map="FLOW_STATS").set(capacity)
+        m.map_capacity.labels(map="FLOW_EVENTS").set(self.program.event_bytes)  # bytes
+        m.map_capacity.labels(map="FILTERED_FLOWS").set(capacity)
         m.store_size.labels(poller_id="0").set(len(self.tracker.flows))
         m.poller_queue.labels(poller_id="0").set(0)  # the poller hands on a poll at once
         active = self._active_by_interface()
