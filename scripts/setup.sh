@@ -39,7 +39,7 @@ arch="$(dpkg --print-architecture)"
 headers="linux-headers-$arch"
 # Ubuntu names its headers metapackage after the kernel flavour, not the architecture.
 if grep -qsE '^(ID|ID_LIKE)=.*ubuntu' /etc/os-release; then headers=linux-headers-generic; fi
-pkgs=(python3-bpfcc "$headers" iproute2 iputils-ping tcpdump iperf3 bpftool libcap2-bin procps)
+pkgs=(python3-bpfcc "$headers" iproute2 iputils-ping tcpdump iperf3 bpftool libcap2-bin procps tmux)
 
 # A distribution kernel also gets its exact headers (custom kernels rely on the loader's
 # fallback to the metapackage's header tree).

@@ -249,24 +249,8 @@ def per_dir(dir_: int, forward: int, reverse: int = 0) -> list[int]:
 
 def run_once(prog_fd: int, frame: bytes, ifindex: int = 0) -> tuple[int, bytes]:
     """BPF_PROG_TEST_RUN once, returning (retval, data_out)."""
-    data_in = ctypes.create_string_buffer(frame, len(frame))
-    data_out = ctypes.create_string_buffer(len(frame) + 256)
-    fields = [
-        (0, "I", prog_fd),
-        (8, "I", len(frame)),
-        (12, "I", len(data_out)),
-        (16, "Q", ctypes.addressof(data_in)),
-        (24, "Q", ctypes.addressof(data_out)),
-        (32, "I", 1),
-    ]
-    if ifindex:
-        ctx = ctypes.create_string_buffer(192)  # struct __sk_buff; only ifindex may be set
-        struct.pack_into("I", ctx, 40, ifindex)
-        fields += [(40, "I", len(ctx)), (48, "Q", ctypes.addressof(ctx))]
-    attr = bpfsys._attr(80, *fields)
-    bpfsys._bpf(bpfsys.BPF_PROG_TEST_RUN, attr)
-    retval, size_out = struct.unpack_from("iI", attr, 4)
-    return retval, data_out.raw[:size_out]
+    run = bpfsys.prog_test_run(prog_fd, frame, ifindex=ifindex, want_data_out=True)
+    return run.retval, run.data_out
 
 
 class Kernel:

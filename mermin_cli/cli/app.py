@@ -216,10 +216,12 @@ def version() -> None:
 
 
 def _register_subapps() -> None:
-    from mermin_cli.cli import config_cmd, export_cmd
+    from mermin_cli.cli import config_cmd, doctor_cmd, export_cmd, flows_cmd
 
     app.add_typer(config_cmd.app, name="config")
     app.command()(export_cmd.export)
+    app.command("flows")(flows_cmd.flows)
+    app.command("doctor")(doctor_cmd.doctor)
 
 
 _register_subapps()

@@ -79,7 +79,7 @@ def tcx_query(ifindex: int, egress: bool) -> tuple[list[int], int]:
     return list(ids[:count]), int(revision)
 
 
-def _prog_info(prog_fd: int) -> ctypes.Array[ctypes.c_char]:
+def prog_info(prog_fd: int) -> ctypes.Array[ctypes.c_char]:
     """struct bpf_prog_info of a loaded program (id at offset 4, name at 64)."""
     info = ctypes.create_string_buffer(256)
     attr = _attr(
@@ -94,14 +94,14 @@ def _prog_info(prog_fd: int) -> ctypes.Array[ctypes.c_char]:
 
 def prog_id(prog_fd: int) -> int:
     """Kernel id of a loaded program (what bpftool and `mermin interfaces` show)."""
-    return int(struct.unpack_from("I", _prog_info(prog_fd), 4)[0])
+    return int(struct.unpack_from("I", prog_info(prog_fd), 4)[0])
 
 
 def prog_name(kernel_id: int) -> str:
     """Name of the loaded program with id `kernel_id` (as truncated by the kernel)."""
     fd = _bpf(BPF_PROG_GET_FD_BY_ID, _attr(16, (0, "I", kernel_id)))
     try:
-        name = _prog_info(fd).raw[64 : 64 + BPF_OBJ_NAME_LEN]
+        name = prog_info(fd).raw[64 : 64 + BPF_OBJ_NAME_LEN]
     finally:
         os.close(fd)
     return name.split(b"\0", 1)[0].decode(errors="replace")
@@ -113,17 +113,23 @@ class TestRun:
 
     retval: int
     duration_ns: int  # mean per repetition, as measured by the kernel
+    data_out: bytes = b""  # the frame after the program (with want_data_out)
 
 
-def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) -> TestRun:
+def prog_test_run(
+    prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0, want_data_out: bool = False
+) -> TestRun:
     """Run a loaded SCHED_CLS program on `data` (a whole frame) inside the kernel."""
     data_in = ctypes.create_string_buffer(data, len(data))
+    data_out = ctypes.create_string_buffer(len(data) + 256 if want_data_out else 0)
     fields = [
         (0, "I", prog_fd),
         (8, "I", len(data)),
         (16, "Q", ctypes.addressof(data_in)),
         (32, "I", repeat),
     ]
+    if want_data_out:
+        fields += [(12, "I", len(data_out)), (24, "Q", ctypes.addressof(data_out))]
     ctx = None
     if ifindex:
         # struct __sk_buff: ifindex lives at offset 40; the rest must stay zero.
@@ -132,8 +138,9 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0) 
         fields += [(40, "I", len(ctx)), (48, "Q", ctypes.addressof(ctx))]
     attr = _attr(80, *fields)
     _bpf(BPF_PROG_TEST_RUN, attr)
-    retval, duration = struct.unpack_from("i", attr, 4)[0], struct.unpack_from("I", attr, 36)[0]
-    return TestRun(retval=retval, duration_ns=duration)
+    retval, size_out = struct.unpack_from("iI", attr, 4)
+    duration = struct.unpack_from("I", attr, 36)[0]
+    return TestRun(retval, duration, data_out.raw[:size_out] if want_data_out else b"")
 
 
 def map_lookup(map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int) -> bytes | None:
@@ -165,3 +172,30 @@ def _map_op(
             return None
         raise
     return value.raw
+
+
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+# r0 = -1 (TC_ACT_UNSPEC); exit
+PASS_THROUGH = struct.pack("<BBhi", 0xB7, 0, 0, -1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+PROG_INFO_JITED_LEN = 16  # offset of jited_prog_len in struct bpf_prog_info
+
+
+def load_pass_through_program(name: bytes = b"mermin_doctor") -> int:
+    """Load a 2-instruction SCHED_CLS program (proves bpf(2) works); returns its fd."""
+    insns = ctypes.create_string_buffer(PASS_THROUGH, len(PASS_THROUGH))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = _attr(
+        128,
+        (0, "I", BPF_PROG_TYPE_SCHED_CLS),
+        (4, "I", len(PASS_THROUGH) // 8),
+        (8, "Q", ctypes.addressof(insns)),
+        (16, "Q", ctypes.addressof(license_)),
+        (48, "15s", name[:15]),
+    )
+    return _bpf(BPF_PROG_LOAD, attr)
+
+
+def prog_jited_len(prog_fd: int) -> int:
+    """Size of the program's JIT image (0: the kernel interprets it)."""
+    return int(struct.unpack_from("I", prog_info(prog_fd), PROG_INFO_JITED_LEN)[0])

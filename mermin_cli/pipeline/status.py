@@ -156,6 +156,16 @@ class RunState:
                 "last_poll_ms": round(self.tracker.last_poll_seconds * 1000, 2),
             },
             "pipeline": self.pipeline.status(),
+            "exporters": [
+                {
+                    "name": sink.name,
+                    "sent": sink.sent,
+                    "failed": sink.failed,
+                    "dropped": sink.dropped,
+                    "last_error": getattr(sink, "last_error", None),
+                }
+                for sink in self.pipeline.exporter.sinks
+            ],
             "config": {
                 "poll_interval": cfg.pipeline.flow_producer.flow_store_poll_interval,
                 "filters": bool(self.tracker.flow_filter) or self._kernel_filters(),
