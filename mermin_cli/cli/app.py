@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from mermin_cli import __version__
+from mermin_cli.cli.options import ConfigOpt, InterfaceOpt
 from mermin_cli.engine.hooks import AttachMode
 from mermin_cli.errors import MerminError
 from mermin_cli.logs import setup_logging
@@ -23,22 +23,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="HCL config file (env MERMIN_CONFIG_PATH).", show_default=False
-    ),
-]
-InterfaceOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--interface",
-        "-i",
-        help="Interface name, glob (eth*, veth?) or /regex/; repeatable. "
-        "Default: the config's list, else the default-route interface(s).",
-        show_default=False,
-    ),
-]
 LogLevelOpt = Annotated[
     str | None,
     typer.Option(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mermin_cli.cli.options import ConfigOpt
 from mermin_cli.engine.hooks import AttachMode
 
 STYLES = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
@@ -32,12 +32,7 @@ def doctor(
             show_default=False,
         ),
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", "-c", help="HCL config file (env MERMIN_CONFIG_PATH).", show_default=False
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     check: Annotated[
         list[str] | None,
         typer.Option(

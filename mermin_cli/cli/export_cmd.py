@@ -10,11 +10,11 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from enum import Enum
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from mermin_cli.cli.options import ConfigOpt
 from mermin_cli.errors import MerminError, UsageError
 from mermin_cli.flows.record import DIRECTION_OF_KIND, FlowRecord
 from mermin_cli.logs import setup_logging
@@ -138,12 +138,7 @@ def export(
             help="NDJSON records as written by `capture --format json`; - = stdin.",
         ),
     ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", "-c", help="HCL config file (env MERMIN_CONFIG_PATH).", show_default=False
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     endpoint: Annotated[
         str | None,
         typer.Option(

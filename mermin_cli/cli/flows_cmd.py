@@ -14,11 +14,11 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mermin_cli.cli.options import ConfigOpt
 from mermin_cli.errors import UsageError
 from mermin_cli.views.snapshot import FilterFlag, SortKey
 
@@ -86,12 +86,7 @@ def _command_line() -> list[str]:
 
 
 def flows(
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config", "-c", help="HCL config file (env MERMIN_CONFIG_PATH).", show_default=False
-        ),
-    ] = None,
+    config: ConfigOpt = None,
     interface: Annotated[
         list[str] | None,
         typer.Option(
