@@ -60,9 +60,10 @@
  * CLOCK_MONOTONIC by at most one tick, which is fine for seconds-scale timeouts. The
  * handshake times feed an RTT and always use the precise clock. */
 #if defined(OFFLINE_CLOCK)
-/* Offline input (pcap through BPF_PROG_TEST_RUN): user space writes each packet's
- * timestamp here before running it, so every time is the recording's. */
-BPF_ARRAY(offline_clock, __u64, 1);
+/* Offline input (pcap through BPF_PROG_TEST_RUN): user space stores each packet's
+ * timestamp here before running it, so every time is the recording's. Mmapable, so the
+ * store is a memory write, not a syscall per packet. */
+BPF_F_TABLE("array", __u32, __u64, offline_clock, 1, BPF_F_MMAPABLE);
 static __always_inline __u64 offline_now(void)
 {
     __u32 zero = 0;

@@ -76,7 +76,7 @@ def capture(
     from mermin_cli.config.loader import load_config
     from mermin_cli.errors import UsageError
     from mermin_cli.output.formats import StreamWriter
-    from mermin_cli.pipeline.capture import Capture, CaptureOptions
+    from mermin_cli.pipeline.capture import Capture, CaptureOptions, output_sinks
 
     if read is not None and (interface or duration is not None):
         raise UsageError(
@@ -91,14 +91,13 @@ def capture(
     if output_format is None and cfg.export.traces.stdout is None:
         output_format = OutputFormat.text
     writer = StreamWriter(sys.stdout, output_format.value) if output_format else None
+    options = CaptureOptions(duration=duration, attach_mode=attach.value)
     if read is not None:
         from mermin_cli.pipeline.offline import OfflineCapture
 
-        # Integration point: the OTLP sinks of mermin_cli/export join `writer` here, as
-        # for live capture.
-        OfflineCapture(cfg, read, [writer]).run()
+        # The same outputs as live capture: the --format writer and the config's exporters.
+        OfflineCapture(cfg, read, output_sinks(cfg, writer)).run()
         return
-    options = CaptureOptions(duration=duration, attach_mode=attach.value)
     Capture(cfg, writer, options, reload=lambda: load_config(config, overrides=overrides)).run()
 
 

@@ -34,10 +34,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+def syscall_number() -> int:
+    """Number of the bpf(2) system call on this architecture."""
     nr = _SYS_BPF.get(platform.machine())
     if nr is None:
         raise OSError(errno.ENOSYS, f"bpf syscall number unknown for {platform.machine()}")
+    return nr
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    nr = syscall_number()
     ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr)))
     if ret < 0:
         err = ctypes.get_errno()

@@ -67,6 +67,19 @@ def _handle_signals(stop: threading.Event, hup: threading.Event) -> Iterator[Non
             signal.signal(s, h)
 
 
+def output_sinks(config: Config, writer: Sink | None) -> list[Sink]:
+    """The --format writer and the exporters of `export "traces"`, started. An explicit
+    --format replaces the config's stdout exporter (one stream, one format)."""
+    configured = build_sinks(config.export.traces, build_resource())
+    if writer is None:
+        return configured
+    for sink in configured:
+        if isinstance(sink, StdoutSink):
+            log.info("--format replaces the stdout exporter of the config")
+            sink.close()
+    return [writer, *(s for s in configured if not isinstance(s, StdoutSink))]
+
+
 class Capture:
     """One capture run from attach to the last record."""
 
@@ -96,7 +109,7 @@ class Capture:
         # Cleanup runs in reverse: servers, hooks (detach), program, exporters (flush).
         with ExitStack() as cleanup:
             # Exporters first: a bad export config fails before anything is attached.
-            for sink in self._sinks():
+            for sink in output_sinks(cfg, self.writer):
                 self.sinks.append(sink)
                 cleanup.callback(sink.close)
             resolver = None
@@ -164,18 +177,6 @@ class Capture:
             raise MerminError(hooks.failure)
         if pipeline and (stage := pipeline.failed()):
             raise MerminError(f"The pipeline stage {stage.name} failed: {stage.error}.")
-
-    def _sinks(self) -> list[Sink]:
-        """The --format writer and the exporters of `export "traces"`. An explicit
-        --format replaces the config's stdout exporter (one stream, one format)."""
-        configured = build_sinks(self.config.export.traces, build_resource())
-        if self.writer is None:
-            return configured
-        for sink in configured:
-            if isinstance(sink, StdoutSink):
-                log.info("--format replaces the stdout exporter of the config")
-                sink.close()
-        return [self.writer, *(s for s in configured if not isinstance(s, StdoutSink))]
 
     def _serve(self, state: RunState) -> list[Callable[[], None]]:
         """Start the metrics and API servers the config enables; returns their stoppers."""

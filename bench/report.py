@@ -1,0 +1,231 @@
+"""Write bench/RESULTS.md (markdown tables, machine, exact commands) and PNG plots from
+the JSON files the benchmarks left in bench/results/.
+
+    .venv/bin/python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, ROOT, machine
+
+OUT = ROOT / "bench" / "RESULTS.md"
+PLOTS = ROOT / "bench" / "plots"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _bar(
+    path: Path, labels: list[str], values: list[float], title: str, unit: str, log: bool = False
+) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colors = ["#d62728" if "mermin" in label else "#1f77b4" for label in labels]
+    ax.barh(labels, values, color=colors)
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel(unit)
+    ax.set_title(title)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:,.0f}" if v >= 100 else f" {v:.3g}", va="center", fontsize=8)
+    fig.tight_layout()
+    PLOTS.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"![{title}](plots/{path.name})"
+
+
+def throughput(lines: list[str]) -> None:
+    data = _load("throughput")
+    if not data:
+        return
+    lines += [
+        "## Throughput overhead (iperf3 over a veth pair)",
+        "",
+        f"Median of {data['runs']} runs of {data['seconds']:.0f} s each (iperf3 client pinned "
+        "to CPU 0, server to CPU 1), conditions round-robin within a run; each tool watches "
+        "the client's veth. Tool CPU: utime+stime of the tool's processes over the iperf3 "
+        "run, plus for mermin the run time of its eBPF programs (kernel BPF statistics: that "
+        "work happens in the sender's context, not in mermin's process), in % of one core. "
+        "Command: `sudo .venv/bin/python bench/throughput.py`.",
+        "",
+        "| protocol | tool | Gbit/s | throughput lost | tool CPU (% of a core) | runs (Gbit/s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        runs = ", ".join(f"{g:.1f}" for g in r["samples"])
+        lines.append(
+            f"| {r['protocol']} | {r['tool']} | {r['gbit_s']:.2f} | {r['overhead_pct']:+.1f} % "
+            f"| {r['cpu_pct']:.1f} % | {runs} |"
+        )
+    for proto in ("tcp", "udp"):
+        rows = [r for r in data["rows"] if r["protocol"] == proto]
+        lines += ["", _bar(PLOTS / f"throughput_{proto}.png", [r["tool"] for r in rows],
+                           [r["gbit_s"] for r in rows], f"iperf3 {proto.upper()} over veth",
+                           "Gbit/s")]  # fmt: skip
+    lines.append("")
+
+
+def accuracy(lines: list[str]) -> None:
+    data = _load("accuracy")
+    if not data:
+        return
+    lines += [
+        "## Accounting accuracy under load",
+        "",
+        f"{data['packets']:,} UDP packets of 64 bytes (one flow) from trafgen at its top rate "
+        f"(≈{data['generator_pps']:,.0f} packets/s offered); accounted / delivered to the "
+        f"watched veth (rx_packets), median of {data['runs']} runs. "
+        "Command: `sudo .venv/bin/python bench/accuracy.py`.",
+        "",
+        "| tool | packets accounted / delivered | runs |",
+        "|---|---|---|",
+    ]
+    for r in data["rows"]:
+        samples = ", ".join(f"{s:.3f}" for s in r["samples"])
+        lines.append(f"| {r['tool']} | {r['accounted_pct']:.3f} % | {samples} |")
+    lines += ["", _bar(PLOTS / "accuracy.png", [r["tool"] for r in data["rows"]],
+                       [r["accounted_pct"] for r in data["rows"]],
+                       "packets accounted under load", "% of delivered")]  # fmt: skip
+    lines.append("")
+
+
+def flowrate(lines: list[str]) -> None:
+    data = _load("flowrate")
+    if not data:
+        return
+    lines += [
+        "## New flows per second and memory per flow (mermin)",
+        "",
+        f"One packet per new UDP flow for one second at each rate; flow table capacity "
+        f"{data['capacity']:,}. Lossless: every flow sent has a record and no packet or "
+        "record was lost; new-flow events dropped by the ring buffer only delay a flow's "
+        "adoption to the next table poll. "
+        "Command: `sudo .venv/bin/python bench/flowrate.py`.",
+        "",
+        "| offered flows/s | sender reached | records | lossless | new-flow events dropped "
+        "| RSS per active flow | kernel table per slot |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['rate']:,} | {r['achieved_flows_per_s']:,.0f} | {r['records']:,} "
+            f"| {'yes' if r['lossless'] else 'no'} | {r['events_dropped']:,} "
+            f"| {r['rss_per_flow_bytes']:.0f} B "
+            f"| {r['kernel_bytes_per_slot']:.0f} B |"
+        )
+    lines.append("")
+
+
+def offline(lines: list[str]) -> None:
+    data = _load("offline")
+    if not data:
+        return
+    lines += [
+        "## Offline: reading one large pcap",
+        "",
+        f"{data['packets']:,} packets over {data['flows']:,} flows "
+        f"({data['pcap_bytes'] / 1e6:.0f} MB, bench/pcapgen.py), median of {data['runs']} runs, "
+        "wall time including start-up (mermin compiles its eBPF program first). "
+        f"mermin's packet loop alone: {data['mermin_loop_packets_per_s']:,.0f} packets/s. "
+        "Command: `sudo .venv/bin/python bench/offline.py`.",
+        "",
+        "| tool | exact command | wall s | packets/s | CPU s |",
+        "|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['tool']} | `{r['command']}` | {r['seconds']:.2f} | {r['packets_per_s']:,.0f} "
+            f"| {r['cpu_seconds']:.2f} |"
+        )
+    lines += ["", _bar(PLOTS / "offline.png", [r["tool"] for r in data["rows"]],
+                       [r["packets_per_s"] for r in data["rows"]],
+                       "reading a 1M-packet pcap", "packets/s (log scale)", log=True)]  # fmt: skip
+    versions = ", ".join(f"{k}: {v}" for k, v in data["versions"].items())
+    lines += ["", f"Versions: {versions}.", ""]
+
+
+def kernel_and_startup(lines: list[str]) -> None:
+    kc, st = _load("kernel_cost"), _load("startup")
+    if kc:
+        lines += ["## Kernel cost per packet (BPF_PROG_TEST_RUN)", "",
+                  "Command: `sudo .venv/bin/python bench/kernel_cost.py`.", "",
+                  "| packet | ns | x empty program |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['kind']} | {r['ns']} | {r['ratio']:.1f} |" for r in kc["rows"]]
+        lines.append("")
+    if st:
+        lines += ["## Start-up", "", "Command: `sudo .venv/bin/python bench/startup.py`.", "",
+                  f"Median time to attached over {st['runs']} runs: {st['ready_s_median']:.2f} s; "
+                  f"peak RSS {st['peak_rss_mib']:.0f} MiB.", ""]  # fmt: skip
+
+
+def targets(lines: list[str]) -> None:
+    """The issue's targets against what was measured."""
+    tp, acc, off = _load("throughput"), _load("accuracy"), _load("offline")
+    rows: list[tuple[str, str, bool]] = []
+    if tp:
+        by = {(r["protocol"], r["tool"]): r for r in tp["rows"]}
+        for proto in ("tcp", "udp"):
+            lost = by[(proto, "mermin")]["overhead_pct"]
+            rows.append((f"{proto.upper()} throughput cost <= 5 %", f"{lost:.1f} %", lost <= 5))
+            cpu = {t: by[(proto, t)]["cpu_pct"] for t in ("mermin", "softflowd", "pmacctd")}
+            rows.append(
+                (
+                    f"{proto.upper()}: less CPU than softflowd and pmacctd",
+                    ", ".join(f"{t} {c:.1f} %" for t, c in cpu.items()),
+                    cpu["mermin"] < min(cpu["softflowd"], cpu["pmacctd"]),
+                )
+            )
+    if acc:
+        pct = next(r["accounted_pct"] for r in acc["rows"] if r["tool"] == "mermin")
+        rows.append(("accounting accuracy 100 %", f"{pct:.3f} %", pct >= 100))
+    if off:
+        pps = {r["tool"].split()[0]: r["packets_per_s"] for r in off["rows"]}
+        for peer in ("tshark", "argus"):
+            rows.append(
+                (
+                    f"offline faster than {peer}",
+                    f"{pps['mermin']:,.0f} vs {pps[peer]:,.0f} packets/s",
+                    pps["mermin"] > pps[peer],
+                )
+            )
+    if not rows:
+        return
+    lines += ["## Targets (issue 7)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
+    lines.append("")
+
+
+def main() -> None:
+    m = machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `sudo make bench` (bench/run_all.py, then bench/report.py). Every run "
+        "happens in network namespaces and veth pairs the scripts create and remove.",
+        "",
+        f"Machine: {m['cpu']}, {m['memory']}, kernel {m['kernel']}, {m['os']}, "
+        f"Python {m['python']}. The machine is a shared development VM: other work may run "
+        "beside a benchmark, which is why every comparison is round-robin within a run and "
+        "reported as a median, with the runs listed.",
+        "",
+    ]
+    for section in (targets, throughput, accuracy, flowrate, offline, kernel_and_startup):
+        section(lines)
+    OUT.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
