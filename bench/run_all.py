@@ -20,6 +20,8 @@ SCRIPTS = (
     "throughput.py",
     "accuracy.py",
     "flowrate.py",
+    "pipeline.py",
+    "otlp_throughput.py",
     "offline.py",
     "report.py",
 )
