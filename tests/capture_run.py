@@ -40,6 +40,15 @@ pipeline {
 """
 
 
+def servers_config(metrics_port: int, api_port: int) -> str:
+    """Config blocks moving the metrics and API servers off their defaults (so tests that
+    run servers of their own on 8080 / 10250 in the namespace do not collide)."""
+    return (
+        f'internal "metrics" {{\n  port = {metrics_port}\n}}\n'
+        f'internal "server" {{\n  port = {api_port}\n}}\n'
+    )
+
+
 def write_config(tmp: Path, interval: str = "60s", extra: str = "") -> Path:
     path = tmp / "mermin.hcl"
     path.write_text(FAST_CONFIG % {"interval": interval} + extra)

@@ -13,25 +13,18 @@ from typing import Any
 import pytest
 
 try:
-    from .capture_run import MERMIN, start_capture, write_config
+    from .capture_run import MERMIN, servers_config, start_capture, write_config
     from .otlp_receiver import make_tls, start_receiver
     from .test_capture import FOREIGN_FILTER
     from .test_pipeline import UDP_FLOWS
 except ImportError:
-    from capture_run import MERMIN, start_capture, write_config
+    from capture_run import MERMIN, servers_config, start_capture, write_config
     from otlp_receiver import make_tls, start_receiver
     from test_capture import FOREIGN_FILTER
     from test_pipeline import UDP_FLOWS
 
 METRICS_PORT, API_PORT = 19251, 18081
-SERVERS = f"""
-internal "metrics" {{
-  port = {METRICS_PORT}
-}}
-internal "server" {{
-  port = {API_PORT}
-}}
-"""
+SERVERS = servers_config(METRICS_PORT, API_PORT)
 
 
 def doctor(host, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):

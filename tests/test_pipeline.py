@@ -12,21 +12,14 @@ from pathlib import Path
 import pytest
 
 try:
-    from .capture_run import MERMIN, start_capture, write_config
+    from .capture_run import MERMIN, servers_config, start_capture, write_config
 except ImportError:
-    from capture_run import MERMIN, start_capture, write_config
+    from capture_run import MERMIN, servers_config, start_capture, write_config
 
 pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("require_bpf")]
 
 METRICS_PORT, API_PORT = 19250, 18080
-SERVERS = f"""
-internal "metrics" {{
-  port = {METRICS_PORT}
-}}
-internal "server" {{
-  port = {API_PORT}
-}}
-"""
+SERVERS = servers_config(METRICS_PORT, API_PORT)
 
 UDP_FLOWS = """
 import socket, sys
