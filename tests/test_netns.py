@@ -118,7 +118,11 @@ def test_exception_in_body_still_cleans_up() -> None:
     def body() -> None:
         with netns.temp_link("boom") as lk:
             seen.extend(lk.namespaces)
-            procs.append(lk.b.popen("sleep", "600"))  # forgotten; must not pin the netns
+            # forgotten; must not pin the netns
+            proc = lk.b.popen("sh", "-c", "echo up; exec sleep 600", stdout=subprocess.PIPE)
+            procs.append(proc)
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "up"  # inside the namespace now
             raise RuntimeError("boom")
 
     try:
