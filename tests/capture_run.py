@@ -142,7 +142,9 @@ class Oracle:
 
 def start_tcpdump(host: netns.Host, path: Path) -> Oracle:
     proc = host.popen(
-        "tcpdump", "-i", host.ifname, "-n", "-U", "-s", "0", "-w", str(path),
+        # --immediate-mode: without it packets wait in the capture ring for its block
+        # timeout (about a second), and the ones still there at SIGINT never reach the file.
+        "tcpdump", "-i", host.ifname, "-n", "-U", "--immediate-mode", "-s", "0", "-w", str(path),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
