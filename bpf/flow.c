@@ -13,8 +13,6 @@
  *
  * Compile-time parameters (set by the loader with -D):
  *   MAX_FLOWS        capacity of the flow table
- *   FINE_CLOCK_ONLY  kernels < 5.11 (no bpf_ktime_get_coarse_ns): use the precise clock
- *                    for every timestamp
  *   OFFLINE_CLOCK    times come from the `offline_clock` map (pcap input)
  *   EVENT_PAGES      size of the new-flow ring buffer in pages (a power of two)
  */
@@ -55,14 +53,17 @@
 
 #define DIR_NONE 0xff
 
-/* first_ns/last_ns use the coarse monotonic clock (jiffy resolution, a few ns instead of
- * tens of ns per packet: the largest single cost of the hit path); it lags
- * CLOCK_MONOTONIC by at most one tick, which is fine for seconds-scale timeouts. The
- * handshake times feed an RTT and always use the precise clock. */
+/* first_ns/last_ns are in ticks of table_time(): jiffies in live capture. Reading
+ * jiffies is one load, where even the coarse monotonic clock costs a seqcount loop and
+ * two calls: the clock was the largest cost of the hit path after the hash lookup.
+ * Jiffy resolution (1-10 ms) is plenty for seconds-scale timeouts. User space converts
+ * ticks to CLOCK_MONOTONIC ns with the tick length and one edge it observes through
+ * mermin_clock() (mermin_cli/engine/clock.py). The handshake times feed an RTT and use
+ * the precise clock (ns). */
 #if defined(OFFLINE_CLOCK)
 /* Offline input (pcap through BPF_PROG_TEST_RUN): user space stores each packet's
- * timestamp here before running it, so every time is the recording's. Mmapable, so the
- * store is a memory write, not a syscall per packet. */
+ * timestamp (ns) here before running it, so every time is the recording's. Mmapable, so
+ * the store is a memory write, not a syscall per packet. */
 BPF_F_TABLE("array", __u32, __u64, offline_clock, 1, BPF_F_MMAPABLE);
 static __always_inline __u64 offline_now(void)
 {
@@ -70,14 +71,22 @@ static __always_inline __u64 offline_now(void)
     __u64 *t = offline_clock.lookup(&zero);
     return t ? *t : 0;
 }
-#define coarse_ns() offline_now()
+#define table_time() offline_now()
 #define precise_ns() offline_now()
-#elif defined(FINE_CLOCK_ONLY)
-#define coarse_ns() bpf_ktime_get_ns()
-#define precise_ns() bpf_ktime_get_ns()
 #else
-#define coarse_ns() bpf_ktime_get_coarse_ns()
+#define table_time() bpf_jiffies64()
 #define precise_ns() bpf_ktime_get_ns()
+
+/* Run by user space through BPF_PROG_TEST_RUN to read the current jiffies. */
+BPF_ARRAY(clock_sync, __u64, 1);
+int mermin_clock(struct __sk_buff *skb)
+{
+    __u32 zero = 0;
+    __u64 *j = clock_sync.lookup(&zero);
+    if (j)
+        *j = bpf_jiffies64();
+    return TC_ACT_UNSPEC;
+}
 #endif
 
 /* pkt.no_l4: why the transport header was not parsed */
@@ -102,8 +111,8 @@ struct flow_key {
 struct flow_stats {
     __u64 packets[2];    /* [dir] */
     __u64 bytes[2];      /* [dir] IP-layer bytes (IP header + payload) */
-    __u64 first_ns;      /* bpf_ktime_get_ns() of the first packet */
-    __u64 last_ns;       /* bpf_ktime_get_ns() of the latest packet */
+    __u64 first_ns;      /* table_time() of the first packet */
+    __u64 last_ns;       /* table_time() of the latest packet */
     __u8  tcp_flags[2];  /* [dir] OR of all TCP flags seen */
     __u8  first_dir;     /* direction of the first packet */
     __u8  first_hook;    /* 0 ingress, 1 egress (hook of the first packet) */
@@ -154,7 +163,7 @@ BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
 struct flow_event {
     struct flow_key key;
     __u32 ip_len;   /* IP bytes of the first packet */
-    __u64 ts_ns;    /* kernel time of the first packet */
+    __u64 ts;       /* table_time() of the first packet */
 };
 BPF_RINGBUF_OUTPUT(flow_events, EVENT_PAGES);
 
@@ -484,7 +493,7 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     int err = flows.insert(&p->key, &init);
     if (err == 0) {
         count(CTR_NEW_FLOWS, 1);
-        struct flow_event ev = {.key = p->key, .ip_len = p->ip_len, .ts_ns = now};
+        struct flow_event ev = {.key = p->key, .ip_len = p->ip_len, .ts = now};
         if (flow_events.ringbuf_output(&ev, sizeof(ev), BPF_RB_NO_WAKEUP))
             count(CTR_EVENTS_DROPPED, 1);
         return;
@@ -673,7 +682,7 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u
 
     p.key.ifindex = skb->ifindex;
     __u8 dir = normalize(&p.key);
-    __u64 now = coarse_ns();
+    __u64 now = table_time();
 
     struct flow_stats *s = flows.lookup(&p.key);
     if (s) {

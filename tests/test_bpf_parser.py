@@ -28,6 +28,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -258,7 +259,7 @@ class Kernel:
 
     def __init__(self, program: FlowProgram) -> None:
         self.program = program
-        self.table = FlowTable(program.flows_fd, CAPACITY, program.bpf_lib)
+        self.table = FlowTable.of(program, CAPACITY)
         self._base: dict[str, int] = {}
         self.clear()
 
@@ -408,6 +409,28 @@ def test_handshake_directions_and_times(kernel: Kernel) -> None:
     for field in ("first_ns", "syn_ns", "synack_ns"):
         assert stats[field] == before[field]
     assert stats["last_ns"] >= before["last_ns"]
+
+
+def test_table_times_read_as_monotonic_ns(kernel: Kernel) -> None:
+    """first/last-seen are jiffies in the kernel; the table hands them out as
+    CLOCK_MONOTONIC ns no later than the packet and at most one tick earlier."""
+    clock = kernel.program.clock
+    assert clock is not None
+    assert clock.tick_ns in (1_000_000, 3_333_333, 4_000_000, 10_000_000)  # HZ 1000/300/250/100
+    syn = eth(ip4("10.0.0.2", "10.0.0.1", TCP, tcp(40000, 80, SYN)))
+    fkey, _ = key("10.0.0.2", "10.0.0.1", 40000, 80, TCP)
+    spans = []
+    for _ in range(2):
+        start = time.monotonic_ns()
+        kernel.run(syn)
+        spans.append((start, time.monotonic_ns()))
+        time.sleep(3 * clock.tick_ns / 1e9)  # the second packet lands in a later tick
+    stats = kernel.only_flow(fkey)
+    (a0, b0), (a1, b1) = spans
+    assert a0 - clock.tick_ns <= int(stats["first_ns"]) <= b0
+    assert a1 - clock.tick_ns <= int(stats["last_ns"]) <= b1
+    assert a0 <= int(stats["syn_ns"]) <= b0  # the precise clock, for the handshake RTT
+    assert int(stats["first_ns"]) <= int(stats["syn_ns"])
 
 
 def test_synack_without_syn_names_the_server(kernel: Kernel) -> None:

@@ -62,7 +62,7 @@ COUNTERS = (
     "events_dropped",
 )
 
-EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts_ns", "<u8")])
+EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts", "<u8")])
 
 PROGRAMS = {
     # (l3 device, egress) -> function name in bpf/flow.c

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mermin_cli.engine import layout
+from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.kernel_headers import prepare_bcc_headers
 from mermin_cli.errors import MerminError
 
@@ -78,6 +79,11 @@ class FlowProgram:
         self.bpf_lib = bcc.libbcc.lib
         self.flows = self.bpf[b"flows"]
         self.flows_fd: int = self.flows.map_fd
+        # Live tables stamp flows in jiffies (converted by `clock`); offline ones in ns.
+        self.clock: TickClock | None = None
+        if not offline:
+            clock_fd = self.bpf.load_func(b"mermin_clock", bcc.BPF.SCHED_CLS).fd
+            self.clock = TickClock.calibrate(clock_fd, self.bpf[b"clock_sync"].map_fd)
         self._counters = self.bpf[b"counters"]
         key_size = ctypes.sizeof(self.flows.Key)
         value_size = ctypes.sizeof(self.flows.Leaf)
@@ -113,6 +119,4 @@ def _cflags(max_flows: int, event_capacity: int, offline: bool) -> list[str]:
     flags = [f"-DMAX_FLOWS={max_flows}", f"-DEVENT_PAGES={event_pages(event_capacity)}"]
     if offline:
         flags.append("-DOFFLINE_CLOCK")
-    elif kernel_version() < (5, 11):  # no bpf_ktime_get_coarse_ns before 5.11
-        flags.append("-DFINE_CLOCK_ONLY")
     return flags

@@ -11,24 +11,38 @@ from __future__ import annotations
 import ctypes
 import errno
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mermin_cli.engine import bpfsys
+from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.layout import KEY_DTYPE, STATS_DTYPE
+
+if TYPE_CHECKING:
+    from mermin_cli.engine.program import FlowProgram
 
 
 class FlowTable:
     """Bulk reader of the `flows` hash map."""
 
-    def __init__(self, map_fd: int, capacity: int, lib: ctypes.CDLL) -> None:
+    def __init__(
+        self, map_fd: int, capacity: int, lib: ctypes.CDLL, clock: TickClock | None
+    ) -> None:
+        """`clock` converts the kernel's timestamps; None when they are already ns."""
         self.map_fd = map_fd
+        self.clock = clock
         self.capacity = capacity
         self._lib = lib
         self._keys = ctypes.create_string_buffer(KEY_DTYPE.itemsize * capacity)
         self._values = ctypes.create_string_buffer(STATS_DTYPE.itemsize * capacity)
         self._keys_view = np.frombuffer(self._keys, dtype=KEY_DTYPE)
         self._values_view = np.frombuffer(self._values, dtype=STATS_DTYPE)
+
+    @classmethod
+    def of(cls, program: FlowProgram, capacity: int) -> FlowTable:
+        """The table of a loaded flow program."""
+        return cls(program.flows_fd, capacity, program.bpf_lib, program.clock)
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Copy of every (key, stats) row currently in the table."""
@@ -54,7 +68,7 @@ class FlowTable:
                 break
             in_batch.value = out_batch.value
             first = False
-        return self._keys_view[:total].copy(), self._values_view[:total].copy()
+        return self._keys_view[:total].copy(), self._in_ns(self._values_view[:total].copy())
 
     def take(self, key: np.void) -> np.void | None:
         """Remove one flow and return its final stats (None if already gone)."""
@@ -67,4 +81,11 @@ class FlowTable:
     def _one(self, op: Callable[..., bytes | None], key: np.void) -> np.void | None:
         raw = ctypes.create_string_buffer(key.tobytes(), KEY_DTYPE.itemsize)
         value = op(self.map_fd, raw, STATS_DTYPE.itemsize)
-        return None if value is None else np.frombuffer(value, dtype=STATS_DTYPE)[0]
+        if value is None:
+            return None
+        return self._in_ns(np.frombuffer(value, dtype=STATS_DTYPE).copy())[0]
+
+    def _in_ns(self, vals: np.ndarray) -> np.ndarray:
+        if self.clock is not None:
+            self.clock.to_ns(vals)
+        return vals

@@ -136,7 +136,7 @@ class Capture:
                 watcher = LinkWatcher(hooks.reconcile)
                 watcher.start()
                 cleanup.callback(watcher.stop)
-            table = FlowTable(program.flows_fd, capacity, program.bpf_lib)
+            table = FlowTable.of(program, capacity)
             tracker = FlowTracker(table, cfg.span, hooks.names.get)
             self._apply_filters(program, tracker, cfg)
             metrics = Metrics()

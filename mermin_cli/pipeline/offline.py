@@ -446,7 +446,7 @@ class OfflineCapture:
         KernelFilter.from_config(self.config.filter).load(program.bpf)
         clock = RecordingClock()
         tracker = FlowTracker(
-            FlowTable(program.flows_fd, capacity, program.bpf_lib),
+            FlowTable.of(program, capacity),
             self.config.span,
             lambda _ifindex: source.name,
             host=LocalHost(refresh_interval=math.inf),  # a recording has no local addresses
