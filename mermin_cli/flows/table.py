@@ -68,7 +68,10 @@ class FlowTable:
                 break
             in_batch.value = out_batch.value
             first = False
-        return self._keys_view[:total].copy(), self._in_ns(self._values_view[:total].copy())
+        keys, vals = self._keys_view[:total].copy(), self._values_view[:total].copy()
+        if self.clock is not None:
+            self.clock.to_ns(vals)
+        return keys, vals
 
     def take(self, key: np.void) -> np.void | None:
         """Remove one flow and return its final stats (None if already gone)."""
@@ -83,9 +86,8 @@ class FlowTable:
         value = op(self.map_fd, raw, STATS_DTYPE.itemsize)
         if value is None:
             return None
-        return self._in_ns(np.frombuffer(value, dtype=STATS_DTYPE).copy())[0]
-
-    def _in_ns(self, vals: np.ndarray) -> np.ndarray:
-        if self.clock is not None:
-            self.clock.to_ns(vals)
-        return vals
+        if self.clock is None:
+            return np.frombuffer(value, dtype=STATS_DTYPE)[0]
+        row = bytearray(value)
+        self.clock.raw_to_ns(row)
+        return np.frombuffer(row, dtype=STATS_DTYPE)[0]
