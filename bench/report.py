@@ -53,18 +53,21 @@ def throughput(lines: list[str]) -> None:
     lines += [
         "## Throughput overhead (iperf3 over a veth pair)",
         "",
-        f"Median of {data['runs']} runs of {data['seconds']:.0f} s each (iperf3 client pinned "
-        "to CPU 0, server to CPU 1), conditions round-robin within a run; each tool watches "
-        "the client's veth. Tool CPU: utime+stime of the tool's processes over the iperf3 "
-        "run, plus for mermin the run time of its eBPF programs (kernel BPF statistics: that "
-        "work happens in the sender's context, not in mermin's process), in % of one core. "
+        f"{data['runs']} runs of {data['seconds']:.0f} s each (iperf3 client pinned to CPU 0, "
+        "server to CPU 1), conditions round-robin within a run; each tool watches the "
+        "client's veth, and each of its runs directly follows a no-capture run of the same "
+        "protocol: throughput lost is the median over these pairs (the VM's speed drifts). "
+        '"empty eBPF hooks" is a pass-through program on the same TCX hooks: the floor '
+        "for any TC-hook tool. Tool CPU: utime+stime of the tool's processes over the iperf3 "
+        "run, plus for mermin the run time of its eBPF programs (kernel BPF statistics, on "
+        "only during a second run so they do not slow the measured one), in % of one core. "
         "Command: `sudo .venv/bin/python bench/throughput.py`.",
         "",
-        "| protocol | tool | Gbit/s | throughput lost | tool CPU (% of a core) | runs (Gbit/s) |",
+        "| protocol | tool | Gbit/s | throughput lost | tool CPU (% of a core) | runs: lost % |",
         "|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        runs = ", ".join(f"{g:.1f}" for g in r["samples"])
+        runs = ", ".join(f"{x:+.0f}" for x in r["loss_samples"])
         lines.append(
             f"| {r['protocol']} | {r['tool']} | {r['gbit_s']:.2f} | {r['overhead_pct']:+.1f} % "
             f"| {r['cpu_pct']:.1f} % | {runs} |"
@@ -72,8 +75,8 @@ def throughput(lines: list[str]) -> None:
     for proto in ("tcp", "udp"):
         rows = [r for r in data["rows"] if r["protocol"] == proto]
         lines += ["", _bar(PLOTS / f"throughput_{proto}.png", [r["tool"] for r in rows],
-                           [r["gbit_s"] for r in rows], f"iperf3 {proto.upper()} over veth",
-                           "Gbit/s")]  # fmt: skip
+                           [r["overhead_pct"] for r in rows],
+                           f"iperf3 {proto.upper()} over veth", "throughput lost, %")]  # fmt: skip
     lines.append("")
 
 
@@ -173,12 +176,19 @@ def kernel_and_startup(lines: list[str]) -> None:
 def targets(lines: list[str]) -> None:
     """The issue's targets against what was measured."""
     tp, acc, off = _load("throughput"), _load("accuracy"), _load("offline")
-    rows: list[tuple[str, str, bool]] = []
+    rows: list[tuple[str, str, bool | str]] = []
     if tp:
         by = {(r["protocol"], r["tool"]): r for r in tp["rows"]}
         for proto in ("tcp", "udp"):
             lost = by[(proto, "mermin")]["overhead_pct"]
-            rows.append((f"{proto.upper()} throughput cost <= 5 %", f"{lost:.1f} %", lost <= 5))
+            # The empty program's pairs show the machine's noise: when they scatter more
+            # than the target itself, a median says nothing either way.
+            floor = by[(proto, "empty eBPF hooks")]["loss_samples"]
+            spread = max(floor) - min(floor)
+            verdict: bool | str = lost <= 5
+            if spread > 10:
+                verdict = f"inconclusive: the empty program's pairs spread {spread:.0f} points"
+            rows.append((f"{proto.upper()} throughput cost <= 5 %", f"{lost:.1f} %", verdict))
             cpu = {t: by[(proto, t)]["cpu_pct"] for t in ("mermin", "softflowd", "pmacctd")}
             rows.append(
                 (
@@ -203,7 +213,8 @@ def targets(lines: list[str]) -> None:
     if not rows:
         return
     lines += ["## Targets (issue 7)", "", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
+    shown = {True: "yes", False: "**no**"}
+    lines += [f"| {t} | {m} | {shown.get(ok, ok)} |" for t, m, ok in rows]
     lines.append("")
 
 
