@@ -78,7 +78,7 @@ def one_rate(link: netns.Link, rate: int, tmp: Path) -> dict[str, float]:
                      str(rate), str(rate), timeout=120).stdout  # fmt: skip
         time.sleep(2.5)  # two polls: every flow is in the tracker
         rss1 = rss_mib(proc.pid)
-        stop(proc)
+        stop(proc, timeout=300)  # the exit flush writes every flow's record: give it time
         err = proc.stderr.read() if proc.stderr else ""
     records = sum(1 for _ in out.open())
     m = re.search(r"not accounted: (\d+) packets.*dropped: (\d+) events, (\d+) records", err)
