@@ -296,7 +296,7 @@ def test_stdout_refreshes_every_interval(link, traffic) -> None:
         *UNPRIVILEGED, MERMIN, "flows", "--api", f"http://127.0.0.1:{API_PORT}", "--stdout",
         "--interval", "0.3", "--port", "7001", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    time.sleep(1.5)
+    time.sleep(3.0)  # start-up (up to ~1.5 s on a slow VM), then several refreshes
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err

@@ -59,9 +59,10 @@ _GRPC_CHANNEL_OPTIONS = (
     ("grpc.primary_user_agent", USER_AGENT),
     ("grpc.enable_retries", 0),  # retries are ours, with our deadline
     # Reconnect soon after a collector comes back (gRPC's default backoff grows to 120 s).
+    # At most 1 s, so a batch's retry window (max_export_timeout) always spans an attempt.
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
 
