@@ -76,7 +76,6 @@ def capture(
     from mermin_cli.config.loader import load_config
     from mermin_cli.errors import UsageError
     from mermin_cli.output.formats import StreamWriter
-    from mermin_cli.pipeline.capture import Capture, CaptureOptions, output_sinks
 
     if read is not None and (interface or duration is not None):
         raise UsageError(
@@ -91,14 +90,28 @@ def capture(
     if output_format is None and cfg.export.traces.stdout is None:
         output_format = OutputFormat.text
     writer = StreamWriter(sys.stdout, output_format.value) if output_format else None
-    options = CaptureOptions(duration=duration, attach_mode=attach.value)
     if read is not None:
+        from mermin_cli.pipeline.capture import output_sinks
         from mermin_cli.pipeline.offline import OfflineCapture
 
         # The same outputs as live capture: the --format writer and the config's exporters.
         OfflineCapture(cfg, read, output_sinks(cfg, writer)).run()
         return
-    Capture(cfg, writer, options, reload=lambda: load_config(config, overrides=overrides)).run()
+    from mermin_cli.engine.privileges import require_capture_privileges
+    from mermin_cli.engine.program import import_bcc, load_in_background
+
+    require_capture_privileges()
+    import_bcc()
+    flow_capture = cfg.pipeline.flow_capture
+    # Compile while the pipeline's modules import (about a second of start-up saved).
+    program = load_in_background(
+        flow_capture.flow_stats_capacity, flow_capture.flow_events_capacity
+    )
+    from mermin_cli.pipeline.capture import Capture, CaptureOptions
+
+    options = CaptureOptions(duration=duration, attach_mode=attach.value)
+    reload = lambda: load_config(config, overrides=overrides)  # noqa: E731
+    Capture(cfg, writer, options, reload=reload, program=program).run()
 
 
 @app.command()

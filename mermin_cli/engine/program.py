@@ -7,7 +7,9 @@ import logging
 import os
 import platform
 import re
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,18 @@ def _cflags(max_flows: int, event_capacity: int, offline: bool) -> list[str]:
     if offline:
         flags.append("-DOFFLINE_CLOCK")
     return flags
+
+
+def load_in_background(max_flows: int, event_capacity: int) -> Future[FlowProgram]:
+    """Compile and load the flow program in a thread. The LLVM compile runs in libbcc with
+    the GIL released, so the caller's imports and set-up proceed meanwhile."""
+    future: Future[FlowProgram] = Future()
+
+    def load() -> None:
+        try:
+            future.set_result(FlowProgram(max_flows, event_capacity))
+        except BaseException as exc:  # handed to whoever waits for the program
+            future.set_exception(exc)
+
+    threading.Thread(target=load, name="mermin-load", daemon=True).start()
+    return future

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -89,8 +90,11 @@ class Capture:
         writer: Sink | None,
         options: CaptureOptions,
         reload: Callable[[], Config] | None = None,
+        program: Future[FlowProgram] | None = None,
     ) -> None:
+        """`program`: one already being loaded for this config (see load_in_background)."""
         self.config = config
+        self.program = program
         self.writer = writer  # the --format output; None: the config's stdout exporter if any
         self.options = options
         self.reload = reload
@@ -118,7 +122,10 @@ class Capture:
                 cleanup.callback(resolver.close)
             instrument = cfg.discovery.instrument
             capacity = cfg.pipeline.flow_capture.flow_stats_capacity
-            program = FlowProgram(capacity, cfg.pipeline.flow_capture.flow_events_capacity)
+            if self.program is not None:
+                program = self.program.result()
+            else:
+                program = FlowProgram(capacity, cfg.pipeline.flow_capture.flow_events_capacity)
             cleanup.callback(program.close)
             attacher = Attacher(
                 program,
