@@ -103,7 +103,7 @@ def capture(
     require_capture_privileges()
     import_bcc()
     flow_capture = cfg.pipeline.flow_capture
-    # Compile while the pipeline's modules import (about a second of start-up saved).
+    # Compile while the pipeline's modules import (about 0.5 s of start-up saved).
     program = load_in_background(
         flow_capture.flow_stats_capacity, flow_capture.flow_events_capacity
     )

@@ -33,6 +33,7 @@ class TickClock:
         self.edge_jiffies = edge_jiffies
         self.edge_ns = edge_ns
         self.tick_ns = tick_ns
+        self._base = edge_ns - edge_jiffies * tick_ns  # ns of jiffy 0 (may be negative)
 
     @classmethod
     def calibrate(cls, prog_fd: int, map_fd: int) -> TickClock:
@@ -65,12 +66,12 @@ class TickClock:
     def to_ns(self, vals: np.ndarray) -> None:
         """Rewrite first/last-seen of stats rows from jiffies to ns, in place."""
         for field in TIME_FIELDS:
-            ticks = vals[field].astype(np.int64) - self.edge_jiffies
-            vals[field] = (self.edge_ns + ticks * self.tick_ns).astype(np.uint64)
+            ns = self._base + vals[field].astype(np.int64) * self.tick_ns
+            vals[field] = ns.astype(np.uint64)
 
     def raw_to_ns(self, raw: bytearray) -> None:
         """The same for one stats row as raw bytes: two struct calls, where numpy's
         per-call overhead would dominate (one row per adopted flow)."""
         first, last = TIMES.unpack_from(raw, TIMES_OFFSET)
-        base, tick = self.edge_ns - self.edge_jiffies * self.tick_ns, self.tick_ns
+        base, tick = self._base, self.tick_ns
         TIMES.pack_into(raw, TIMES_OFFSET, base + first * tick, base + last * tick)
