@@ -34,6 +34,7 @@ import logging
 import math
 import mmap
 import os
+import struct
 import sys
 import threading
 import time
@@ -65,6 +66,8 @@ ETH_HLEN = 14
 HEADER_BYTES = 96
 PROGRESS_EVERY = 4096  # packets between progress-bar updates (a power of two)
 MAX_PROBE = 4096 - 256  # first frame size tried (a page less the smallest skb overhead)
+# struct __sk_buff as a test run's context: only wire_len set, the longest length it takes.
+SKB_CTX_SIZE, SKB_WIRE_LEN, WIRE_LEN_MAX = 192, 160, 65536
 
 PCAP_TSTAMP_PRECISION_NANO = 1
 PCAP_ERRBUF_SIZE = 256
@@ -171,7 +174,7 @@ class OfflineStats:
 
     packets: int = 0  # packets read from the file
     skipped: int = 0  # refused by BPF_PROG_TEST_RUN (shorter than an Ethernet/IP header)
-    cut: int = 0  # longer than a test run takes: only the first `max_frame` bytes counted
+    cut: int = 0  # longer than WIRE_LEN_MAX: counted as that long
     padded: int = 0  # captured short of their length (snaplen): zero-filled to it
     seconds: float = 0.0  # wall-clock time of the packet loop
 
@@ -336,6 +339,13 @@ class _Runner:
         self.view = memoryview(self.buf).cast("B")
         self.frame = ctypes.addressof(self.buf) + self.HEADROOM
         self.max_frame = self._probe_max_frame()
+        self.ctx = ctypes.create_string_buffer(SKB_CTX_SIZE)
+
+    def pass_wire_len(self, wire: int) -> None:
+        """For the next run only: the frame's recorded length, longer than its data."""
+        struct.pack_into("I", self.ctx, SKB_WIRE_LEN, wire)
+        self.attr.ctx_in = ctypes.addressof(self.ctx)
+        self.attr.ctx_size_in = SKB_CTX_SIZE
 
     def _clock_setter(self, map_fd: int) -> Callable[[int], None]:
         """Set `offline_clock` by a store into the (mmapable) map's memory: no syscall."""
@@ -464,7 +474,7 @@ class OfflineCapture:
             failure = self._loop(source, runner, tracker, clock, capacity, advance)
         self._emit(tracker.poll())  # timeouts that ran out by the last packet
         self._emit(tracker.flush())
-        self._summary(program, tracker, source, runner.max_frame)
+        self._summary(program, tracker, source)
         failure = failure or source.feeder_error()
         if failure is not None:
             raise MerminError(
@@ -535,6 +545,8 @@ class OfflineCapture:
             attr.data_size_out = 0  # the kernel writes it back; non-zero would cap the next run
             if syscall(nr, test_run, attr_addr, attr_size) < 0:
                 skipped += 1
+            if attr.ctx_size_in:  # a wire length was passed for this frame only
+                attr.ctx_size_in = 0
             since_poll += 1
             if not packets & (PROGRESS_EVERY - 1):
                 advance(packets, source.position())
@@ -544,11 +556,14 @@ class OfflineCapture:
         return failure
 
     def _fit(self, runner: _Runner, addr: int, size: int, wire: int) -> tuple[int, int]:
-        """Rare frames: longer than a test run takes (cut; only the bytes that fit are
-        counted), or captured short of their length (snaplen) but with every header the
-        program reads (zero-filled to their length, so IP bytes count as on the wire)."""
+        """Rare frames: longer than a test run takes (GSO super-packets of a capture on
+        veth or lo, jumbo frames: the first bytes go in, the recorded length rides along
+        as wire_len, so the IP length field counts), or captured short of their length
+        (snaplen) but with every header the program reads (zero-filled to their length, so
+        IP bytes count as on the wire)."""
         if wire > runner.max_frame:
-            self.stats.cut += 1
+            runner.pass_wire_len(min(wire, WIRE_LEN_MAX))
+            self.stats.cut += wire > WIRE_LEN_MAX
         size = min(size, runner.max_frame)
         target = min(wire, runner.max_frame)
         if size < target and size >= HEADER_BYTES:
@@ -581,9 +596,7 @@ class OfflineCapture:
         for sink in self.sinks:
             sink.write(records)
 
-    def _summary(
-        self, program: FlowProgram, tracker: FlowTracker, source: _Source, max_frame: int
-    ) -> None:
+    def _summary(self, program: FlowProgram, tracker: FlowTracker, source: _Source) -> None:
         s, c = self.stats, program.counters()
         log.info(
             "done: %d packets read from %s in %.2fs (%.0f packets/s), %d flows, %d records; "
@@ -610,12 +623,11 @@ class OfflineCapture:
             )
         if s.cut:
             log.warning(
-                "%d packets were longer than the %d bytes a kernel test run takes (GSO "
-                "super-packets of a capture on veth or lo): only their first %d bytes were "
-                "counted",
+                "%d packets were longer than the %d bytes a kernel test run can stand for "
+                "(BIG TCP super-packets): each counted as %d bytes",
                 s.cut,
-                max_frame,
-                max_frame,
+                WIRE_LEN_MAX,
+                WIRE_LEN_MAX,
             )
         if c["map_full"]:
             log.warning(
