@@ -538,14 +538,15 @@ class OfflineCapture:
             else:
                 addr, size = runner.frame, rewrite(data_ptr.value, hdr.caplen)
             wire = hdr.len + grow
-            if wire > size or size > max_frame:
+            fitted = wire > size or size > max_frame
+            if fitted:
                 addr, size = self._fit(runner, addr, size, wire)
             attr.data_in = addr
             attr.data_size_in = size
             attr.data_size_out = 0  # the kernel writes it back; non-zero would cap the next run
             if syscall(nr, test_run, attr_addr, attr_size) < 0:
                 skipped += 1
-            if attr.ctx_size_in:  # a wire length was passed for this frame only
+            if fitted:  # a wire length may have been passed, for this frame only
                 attr.ctx_size_in = 0
             since_poll += 1
             if not packets & (PROGRESS_EVERY - 1):
