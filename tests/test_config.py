@@ -35,6 +35,7 @@ from mermin_cli.config.schema import (
 )
 from mermin_cli.config.values import compile_pattern, parse_cidrs, parse_port_ranges
 from mermin_cli.errors import UsageError
+from mermin_cli.logs import set_level
 
 DEFAULT_HCL = Path(__file__).parents[1] / "mermin_cli" / "config" / "default.hcl"
 
@@ -343,6 +344,25 @@ def test_sizes_must_be_positive(write, key: str, value: int) -> None:
 )
 def test_ports_out_of_range(write, text: str, key: str, value: int) -> None:
     assert config_error(write, text) == f"{key}: expected an integer from 1 to 65535, got {value}"
+
+
+@pytest.mark.parametrize(
+    ("level", "mermin_debug", "library_debug", "library_info"),
+    [("trace", True, True, True), ("debug", True, False, True), ("info", False, False, True)],
+)
+def test_log_levels_debug_is_ours_trace_adds_libraries(
+    level: str, mermin_debug: bool, library_debug: bool, library_info: bool
+) -> None:
+    root = logging.getLogger()
+    saved = root.level, logging.getLogger("mermin").level
+    try:
+        set_level(level)
+        assert logging.getLogger("mermin.engine").isEnabledFor(logging.DEBUG) is mermin_debug
+        assert logging.getLogger("pyroute2.netlink").isEnabledFor(logging.DEBUG) is library_debug
+        assert logging.getLogger("pyroute2.netlink").isEnabledFor(logging.INFO) is library_info
+    finally:
+        root.setLevel(saved[0])
+        logging.getLogger("mermin").setLevel(saved[1])
 
 
 def test_log_level_choices(write) -> None:
