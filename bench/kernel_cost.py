@@ -40,7 +40,8 @@ from typing import Any
 import dpkt
 
 from mermin_cli.engine import bpfsys
-from mermin_cli.engine.program import FlowProgram, bpf_source, import_bcc
+from mermin_cli.engine.compiler import bpf_source, import_bcc
+from mermin_cli.engine.program import FlowProgram
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_cost.json"
 EMPTY_PROGRAM = b"int empty(struct __sk_buff *skb) { return -1; }"
@@ -148,7 +149,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         empty_bpf = bcc.BPF(text=EMPTY_PROGRAM)
         cleanup.callback(empty_bpf.cleanup)
 
-        flow_fd = prog.prog_fd(l3=False, egress=False)
+        flow_fd = prog.prog_fd(l3=False)
         fds = {
             name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
             for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")

@@ -16,9 +16,10 @@
  *   OFFLINE_CLOCK    times come from the `offline_clock` map (pcap input)
  *   EVENT_PAGES      size of the new-flow ring buffer in pages (a power of two)
  */
+/* Only self-contained uapi headers: BCC compiles this file on every start, and e.g.
+ * <uapi/linux/in.h> drags in the kernel's linux/socket.h tree (0.8 s of compile). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
@@ -656,23 +657,41 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, const int
     return PARSE_NON_IP;
 }
 
-/* Common body: `l2` and `hook` are compile-time constants per entry point. */
-static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u8 hook)
+/* Ingress or egress: at a TC ingress hook the stack has just set the skb's input
+ * interface to this device; at egress it is 0 (sent by this host) or the device the
+ * packet came in on. Only a packet leaving through the device it arrived on (hairpin
+ * forwarding) reads as ingress. Asking this once per flow lets one program serve both
+ * hooks: every entry point is another full inlined copy to compile and verify, which
+ * is most of the start-up time. */
+static __always_inline __u8 hook_of(struct __sk_buff *skb)
+{
+    return skb->ingress_ifindex == skb->ifindex ? 0 : 1;
+}
+
+/* Common body: `l2` is a compile-time constant per entry point. */
+static __always_inline int handle(struct __sk_buff *skb, const int l2)
 {
     count(CTR_PACKETS, 1);
 
     struct pkt p = {};
-    int ret = parse(skb, &p, l2);
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    if (ret < 0 && skb->len > data_end - data) {
+    int ret;
+    /* A real loop, not two inlined copies of parse(): half the code to compile and
+     * verify, which is most of the start-up time. */
+#pragma nounroll
+    for (int attempt = 0;; attempt++) {
+        ret = parse(skb, &p, l2);
+        if (ret >= 0 || attempt)
+            break;
+        void *data = (void *)(long)skb->data;
+        void *data_end = (void *)(long)skb->data_end;
+        if (skb->len <= data_end - data)
+            break;
         /* A header lies beyond the linear area of a non-linear skb (rare: the stack and
          * drivers keep headers linear, so this is not done up front). Pull it in and parse
          * again. This moves bytes into the linear area (and may copy the head of a cloned
          * skb) but never changes packet content. */
         bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
         __builtin_memset(&p, 0, sizeof(p));
-        ret = parse(skb, &p, l2);
     }
     if (ret == PARSE_NON_IP) {
         count(CTR_NON_IP, 1);
@@ -703,11 +722,10 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2, const __u
         if ((void *)(eth + 1) <= (void *)(long)skb->data_end)
             __builtin_memcpy(p.mac, eth->h_source, 6);
     }
-    create(&p, dir, hook, now);
+    create(&p, dir, hook_of(skb), now);
     return TC_ACT_UNSPEC;
 }
 
-int mermin_ing_l2(struct __sk_buff *skb) { return handle(skb, 1, 0); }
-int mermin_egr_l2(struct __sk_buff *skb) { return handle(skb, 1, 1); }
-int mermin_ing_l3(struct __sk_buff *skb) { return handle(skb, 0, 0); }
-int mermin_egr_l3(struct __sk_buff *skb) { return handle(skb, 0, 1); }
+/* Both hooks of an Ethernet device, and of an L3 device (tun, wireguard: no link header). */
+int mermin_l2(struct __sk_buff *skb) { return handle(skb, 1); }
+int mermin_l3(struct __sk_buff *skb) { return handle(skb, 0); }

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -248,9 +250,18 @@ def per_dir(dir_: int, forward: int, reverse: int = 0) -> list[int]:
 # --- harness -------------------------------------------------------------------------------
 
 
-def run_once(prog_fd: int, frame: bytes, ifindex: int = 0) -> tuple[int, bytes]:
-    """BPF_PROG_TEST_RUN once, returning (retval, data_out)."""
-    run = bpfsys.prog_test_run(prog_fd, frame, ifindex=ifindex, want_data_out=True)
+def run_once(
+    prog_fd: int, frame: bytes, ifindex: int = 0, egress: bool = False
+) -> tuple[int, bytes]:
+    """BPF_PROG_TEST_RUN once, returning (retval, data_out). An ingress run comes in on
+    the device it is seen on (loopback when `ifindex` is 0), as at a real ingress hook."""
+    run = bpfsys.prog_test_run(
+        prog_fd,
+        frame,
+        ifindex=ifindex,
+        want_data_out=True,
+        ingress_ifindex=0 if egress else ifindex or LO_IFINDEX,
+    )
     return run.retval, run.data_out
 
 
@@ -267,7 +278,7 @@ class Kernel:
         self, frame: bytes, *, egress: bool = False, l3: bool = False, ifindex: int = 0
     ) -> None:
         """Run one frame; the program must pass it on untouched."""
-        retval, out = run_once(self.program.prog_fd(l3, egress), frame, ifindex)
+        retval, out = run_once(self.program.prog_fd(l3), frame, ifindex, egress)
         assert retval == TC_ACT_UNSPEC
         assert out == frame
 
@@ -864,7 +875,7 @@ def test_truncated_frames_make_no_flow(kernel: Kernel, frame: bytes) -> None:
 def test_frames_shorter_than_ethernet_are_refused_by_test_run(program: FlowProgram) -> None:
     """The program's own Ethernet truncation branch is unreachable through test_run."""
     with pytest.raises(OSError) as info:
-        run_once(program.prog_fd(False, False), bytes(13))
+        run_once(program.prog_fd(False), bytes(13))
     assert info.value.errno == errno.EINVAL
 
 
@@ -886,6 +897,59 @@ def test_egress_records_first_hook(kernel: Kernel) -> None:
     check(
         flows[key("10.0.0.3", "10.0.0.4", 1, 2, UDP)[0]], packets=[1, 0], bytes=[28, 0], ttl=[64, 0]
     )
+
+
+def test_forwarded_packet_at_egress_is_egress(kernel: Kernel, program: FlowProgram) -> None:
+    # Came in on another device (forwarded): the hook is still egress.
+    frame = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(1, 2)))
+    bpfsys.prog_test_run(program.prog_fd(False), frame, ingress_ifindex=LO_IFINDEX + 1)
+    check(
+        kernel.flows()[key("10.0.0.1", "10.0.0.2", 1, 2, UDP)[0]],
+        packets=[1, 0],
+        bytes=[28, 0],
+        ttl=[64, 0],
+        first_hook=HOOK_EGRESS,
+    )
+
+
+HOOKS_LIVE = """
+import json, socket, sys
+from mermin_cli.discovery.interfaces import list_interfaces
+from mermin_cli.engine.attach import Attacher
+from mermin_cli.engine.program import FlowProgram
+from mermin_cli.flows.table import FlowTable
+program = FlowProgram(1024)
+attacher = Attacher(program, "MODE")
+attacher.attach(next(i for i in list_interfaces() if i.name == "IFNAME"))
+print("ready", flush=True)
+sys.stdin.readline()
+keys, values = FlowTable.of(program, 1024).read()
+udp = [(k, v) for k, v in zip(keys, values) if k["proto"] == 17]
+ports = [{int(k["lo_port"]), int(k["hi_port"])} & {7001, 7002} for k, _ in udp]
+print(json.dumps(sorted([min(p), int(v["first_hook"])] for p, (_, v) in zip(ports, udp))))
+attacher.close()
+"""
+
+
+@pytest.mark.parametrize("mode", ["tcx", "tc"])
+def test_one_program_tells_the_hooks_apart_live(link: netns.Link, mode: str) -> None:
+    """Both hooks run the same program; a flow first seen leaving is egress, one first seen
+    arriving is ingress, on a real veth."""
+    a, b = link.a, link.b
+    code = HOOKS_LIVE.replace("MODE", mode).replace("IFNAME", a.ifname)
+    proc = a.popen(netns.venv_python(), "-c", code, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        send = "import socket as s; s.socket(s.AF_INET, s.SOCK_DGRAM).sendto(b'x', ('{}', {}))"
+        a.exec_python(send.format(b.ip4, 7001))  # leaves a: egress first
+        b.exec_python(send.format(a.ip4, 7002))  # arrives at a: ingress first
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        seen = json.loads(proc.stdout.readline())
+    finally:
+        proc.communicate(timeout=30)
+    assert seen == [[7001, HOOK_EGRESS], [7002, 0]]  # [server port, first_hook]
 
 
 @pytest.mark.parametrize("egress", [False, True], ids=["ingress", "egress"])

@@ -121,9 +121,7 @@ filter "network" {
             ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=6, data=tcp)
             frame = dpkt.ethernet.Ethernet(src=b"\2" * 6, dst=b"\4" * 6, data=ip)
             for _ in range(2):  # the second packet of a filtered flow hits the LRU
-                assert (
-                    bpfsys.prog_test_run(program.prog_fd(False, False), bytes(frame)).retval == -1
-                )
+                assert bpfsys.prog_test_run(program.prog_fd(False), bytes(frame)).retval == -1
 
         send("10.0.0.2", "10.0.0.1", 40000, 80)  # allowed
         send("10.0.0.2", "10.0.0.1", 40001, 22)  # destination port not listed

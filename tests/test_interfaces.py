@@ -205,16 +205,16 @@ def test_our_tcx_programs_are_listed(link, tmp_path: Path) -> None:
     finally:
         assert cap.stop() == 0, "".join(cap.stderr)
     assert [(p["hook"], p["mechanism"], p["name"], p["ours"], p["order"]) for p in progs] == [
-        ("ingress", "tcx", "mermin_ing_l2", True, 1),
-        ("egress", "tcx", "mermin_egr_l2", True, 1),
+        ("ingress", "tcx", "mermin_l2", True, 1),
+        ("egress", "tcx", "mermin_l2", True, 1),
     ]
-    assert names == ["mermin_ing_l2", "mermin_egr_l2"]
+    assert names == ["mermin_l2", "mermin_l2"]  # one program on both hooks
     for p in progs:
         assert p["revision"] >= 1
         assert (p["priority"], p["handle"], p["kind"]) == (None, None, None)
     assert rows["lo"]["tc_programs"] == []
-    assert "ingress: tcx#1 mermin_ing_l2 (ours)" in table
-    assert "egress: tcx#1 mermin_egr_l2 (ours)" in table
+    assert "ingress: tcx#1 mermin_l2 (ours)" in table
+    assert "egress: tcx#1 mermin_l2 (ours)" in table
     rows, _ = interfaces_json(a)
     assert rows[a.ifname]["tc_programs"] == []  # gone with the capture
 

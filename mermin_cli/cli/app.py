@@ -97,8 +97,8 @@ def capture(
         # The same outputs as live capture: the --format writer and the config's exporters.
         OfflineCapture(cfg, read, output_sinks(cfg, writer)).run()
         return
+    from mermin_cli.engine.compiler import import_bcc, load_in_background
     from mermin_cli.engine.privileges import require_capture_privileges
-    from mermin_cli.engine.program import import_bcc, load_in_background
 
     require_capture_privileges()
     import_bcc()

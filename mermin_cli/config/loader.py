@@ -22,9 +22,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-import hcl2
-from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
-
 from mermin_cli.config.durations import parse_duration
 from mermin_cli.config.schema import (
     Config,
@@ -50,14 +47,6 @@ _TEMPLATE = re.compile(
     r"|(?P<other>\$\{[^}]*\}?)"
 )
 _ItemCheck = Callable[[str], object]
-# Plain Python values: unquoted strings, no comments, blocks as lists of maps.
-_HCL_OPTIONS = hcl2.SerializationOptions(
-    with_comments=False,
-    explicit_blocks=False,
-    strip_string_quotes=True,
-    preserve_heredocs=False,
-    preserve_scientific_notation=False,
-)
 _BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
 _BOOLEANS |= {"false": False, "0": False, "no": False, "off": False}
 
@@ -127,8 +116,20 @@ def _read_file(source: str) -> Any:
 
 
 def _parse_hcl(text: str, source: str) -> Any:
+    # Imported here: the HCL parser costs 0.1 s, which runs without a config file skip.
+    import hcl2
+    from lark.exceptions import LarkError, UnexpectedCharacters, UnexpectedInput, UnexpectedToken
+
+    # Plain Python values: unquoted strings, no comments, blocks as lists of maps.
+    options = hcl2.SerializationOptions(
+        with_comments=False,
+        explicit_blocks=False,
+        strip_string_quotes=True,
+        preserve_heredocs=False,
+        preserve_scientific_notation=False,
+    )
     try:
-        return hcl2.loads(text, serialization_options=_HCL_OPTIONS)
+        return hcl2.loads(text, serialization_options=options)
     except UnexpectedInput as error:
         if isinstance(error, UnexpectedToken):
             token = error.token

@@ -163,14 +163,14 @@ class TcProgram:
 
     @property
     def label(self) -> str:
-        """Short form for tables: `tcx#1 mermin_ing_l2 (ours)`, `tc prio 1 foreign`."""
+        """Short form for tables: `tcx#1 mermin_l2 (ours)`, `tc prio 1 foreign`."""
         where = f"tcx#{self.order}" if self.mechanism == "tcx" else f"tc prio {self.priority}"
         text = f"{where} {self.name or self.kind}"
         return f"{text} (ours)" if self.ours else text
 
 
 def hooks_summary(programs: Iterable[TcProgram]) -> str:
-    """One line per hook: `ingress: tcx#1 mermin_ing_l2 (ours), tc prio 1 foreign`."""
+    """One line per hook: `ingress: tcx#1 mermin_l2 (ours), tc prio 1 foreign`."""
     by_hook: dict[str, list[str]] = {}
     for prog in programs:
         by_hook.setdefault(prog.hook, []).append(prog.label)

@@ -12,7 +12,7 @@ from mermin_cli.doctor.context import Context
 from mermin_cli.doctor.framework import Check, Outcome, failed, passed, warned
 from mermin_cli.engine import bpfsys, privileges
 from mermin_cli.engine.attach import kernel_has_tcx, resolve_mode
-from mermin_cli.engine.program import kernel_version
+from mermin_cli.engine.compiler import kernel_version
 from mermin_cli.errors import MerminError
 
 MIN_KERNEL = (5, 8)  # BPF ring buffer (the new-flow events)
@@ -172,7 +172,7 @@ def _memlock(ctx: Context) -> Outcome:
 
 
 def _bcc(ctx: Context) -> Outcome:
-    from mermin_cli.engine.program import import_bcc
+    from mermin_cli.engine.compiler import import_bcc
 
     try:
         bcc = import_bcc()

@@ -21,8 +21,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from mermin_cli.discovery.interfaces import Interface
 from mermin_cli.engine import bpfsys
+from mermin_cli.engine.compiler import kernel_version
 from mermin_cli.engine.hooks import NAME_PREFIX, PARENT, TC_HANDLE
-from mermin_cli.engine.program import FlowProgram, kernel_version
+from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError
 
 log = logging.getLogger("mermin.engine")
@@ -74,8 +75,8 @@ class Attacher:
             return
         entry = Attached(iface)
         try:
+            fd = self.program.prog_fd(iface.l3)
             for egress in (False, True):
-                fd = self.program.prog_fd(iface.l3, egress)
                 if self.mode == "tcx":
                     entry.link_fds.append(
                         bpfsys.tcx_link_create(fd, iface.index, egress, self.first)

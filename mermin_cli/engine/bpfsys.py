@@ -123,9 +123,17 @@ class TestRun:
 
 
 def prog_test_run(
-    prog_fd: int, data: bytes, repeat: int = 1, ifindex: int = 0, want_data_out: bool = False
+    prog_fd: int,
+    data: bytes,
+    repeat: int = 1,
+    ifindex: int = 0,
+    want_data_out: bool = False,
+    ingress_ifindex: int = 0,
 ) -> TestRun:
-    """Run a loaded SCHED_CLS program on `data` (a whole frame) inside the kernel."""
+    """Run a loaded SCHED_CLS program on `data` (a whole frame) inside the kernel.
+
+    `ifindex`: the device the skb is on (0: loopback); `ingress_ifindex`: the device it
+    came in on (0: sent by this host), which is how flow.c tells ingress from egress."""
     data_in = ctypes.create_string_buffer(data, len(data))
     data_out = ctypes.create_string_buffer(len(data) + 256 if want_data_out else 0)
     fields = [
@@ -137,10 +145,10 @@ def prog_test_run(
     if want_data_out:
         fields += [(12, "I", len(data_out)), (24, "Q", ctypes.addressof(data_out))]
     ctx = None
-    if ifindex:
-        # struct __sk_buff: ifindex lives at offset 40; the rest must stay zero.
+    if ifindex or ingress_ifindex:
+        # struct __sk_buff: ingress_ifindex and ifindex at offsets 36 and 40; the rest zero.
         ctx = ctypes.create_string_buffer(192)
-        struct.pack_into("I", ctx, 40, ifindex)
+        struct.pack_into("II", ctx, 36, ingress_ifindex, ifindex)
         fields += [(40, "I", len(ctx)), (48, "Q", ctypes.addressof(ctx))]
     attr = _attr(80, *fields)
     _bpf(BPF_PROG_TEST_RUN, attr)

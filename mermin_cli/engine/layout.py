@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mermin_cli.engine.compiler import EVENT_BYTES
+
 KEY_DTYPE = np.dtype(
     [
         ("lo_addr", "V16"),
@@ -65,11 +67,10 @@ COUNTERS = (
 EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts", "<u8")])
 
 PROGRAMS = {
-    # (l3 device, egress) -> function name in bpf/flow.c
-    (False, False): "mermin_ing_l2",
-    (False, True): "mermin_egr_l2",
-    (True, False): "mermin_ing_l3",
-    (True, True): "mermin_egr_l3",
+    # l3 device? -> function name in bpf/flow.c (one program serves both hooks)
+    False: "mermin_l2",
+    True: "mermin_l3",
 }
 
 assert KEY_DTYPE.itemsize == 44 and STATS_DTYPE.itemsize == 96
+assert EVENT_DTYPE.itemsize == EVENT_BYTES

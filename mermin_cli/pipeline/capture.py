@@ -16,8 +16,9 @@ from mermin_cli.api.server import ApiServer, start_metrics_server
 from mermin_cli.config.schema import Config
 from mermin_cli.discovery.watch import LinkWatcher
 from mermin_cli.engine.attach import Attacher
+from mermin_cli.engine.compiler import import_bcc
 from mermin_cli.engine.privileges import require_capture_privileges
-from mermin_cli.engine.program import FlowProgram, import_bcc
+from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError
 from mermin_cli.export.hostnames import HostnameResolver
 from mermin_cli.export.otlp import build_sinks

@@ -1,7 +1,7 @@
 """`mermin capture --read FILE`: recorded packets through the same kernel program as live.
 
 Every packet of a pcap or pcapng file (gzip-compressed or not, or `-` for stdin) runs
-once through the ingress L2 entry point of bpf/flow.c with BPF_PROG_TEST_RUN, so parsing
+once through the L2 entry point of bpf/flow.c with BPF_PROG_TEST_RUN, so parsing
 and counting are exactly those of live capture. The program is compiled with
 OFFLINE_CLOCK: before each packet its timestamp (unix ns) is written to `offline_clock`,
 so every kernel time is the recording's; the tracker's clock is the packet time and
@@ -46,8 +46,9 @@ from pathlib import Path
 
 from mermin_cli.config.schema import Config
 from mermin_cli.engine import bpfsys
+from mermin_cli.engine.compiler import import_bcc
 from mermin_cli.engine.privileges import missing_capabilities
-from mermin_cli.engine.program import FlowProgram, import_bcc
+from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError, UsageError
 from mermin_cli.export.sink import Sink
 from mermin_cli.flows.direction import LocalHost
@@ -323,7 +324,7 @@ class _Feeder(threading.Thread):
 
 
 class _Runner:
-    """BPF_PROG_TEST_RUN of the ingress L2 entry point with prebuilt attributes, the
+    """BPF_PROG_TEST_RUN of the L2 entry point with prebuilt attributes, the
     `offline_clock` map update, and the reused frame buffer for rewritten frames."""
 
     HEADROOM = 32  # room before the frame for a link header longer than Ethernet's
@@ -331,7 +332,7 @@ class _Runner:
     def __init__(self, program: FlowProgram) -> None:
         self.nr = bpfsys.syscall_number()
         self.syscall = _libc().syscall
-        self.attr = _TestRunAttr(prog_fd=program.prog_fd(l3=False, egress=False), repeat=1)
+        self.attr = _TestRunAttr(prog_fd=program.prog_fd(l3=False), repeat=1)
         self.attr_addr = ctypes.addressof(self.attr)
         self.attr_size = ctypes.sizeof(self.attr)
         self.set_clock = self._clock_setter(program.bpf[b"offline_clock"].map_fd)

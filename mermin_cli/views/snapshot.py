@@ -11,7 +11,6 @@ from enum import Enum
 from typing import Any
 
 from mermin_cli.config import values
-from mermin_cli.discovery.interfaces import compile_pattern
 from mermin_cli.errors import UsageError
 from mermin_cli.flows import names
 
@@ -78,6 +77,10 @@ def _protocol(text: str) -> Matcher:
 
 
 def _interface(text: str) -> Matcher:
+    # Imported here: discovery pulls in pyroute2 (0.2 s), which `mermin capture` would
+    # otherwise pay before its compile starts, as this module is imported by the CLI.
+    from mermin_cli.discovery.interfaces import compile_pattern
+
     matches = compile_pattern(text)
     return lambda f: matches(f["network.interface.name"])
 

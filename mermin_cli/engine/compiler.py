@@ -1,0 +1,109 @@
+"""Compile bpf/flow.c with BCC. Kept free of numpy and the rest of the engine, so that
+`mermin capture` can start the compile (most of its start-up) before those import."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from mermin_cli.engine.kernel_headers import HeaderTree, prepare_bcc_headers
+from mermin_cli.errors import MerminError
+
+if TYPE_CHECKING:
+    from mermin_cli.engine.program import FlowProgram
+
+EVENT_BYTES = 56  # struct flow_event in bpf/flow.c (layout.EVENT_DTYPE checks it)
+
+
+def kernel_version() -> tuple[int, int]:
+    """(major, minor) of the running kernel."""
+    major, minor = [*(int(n) for n in re.findall(r"\d+", platform.release())[:2]), 0, 0][:2]
+    return major, minor
+
+
+def bpf_source() -> Path:
+    """bpf/flow.c of this checkout (or $MERMIN_BPF_DIR)."""
+    base = os.environ.get("MERMIN_BPF_DIR")
+    path = Path(base) if base else Path(__file__).resolve().parents[2] / "bpf"
+    return path / "flow.c"
+
+
+def import_bcc() -> Any:
+    """Import the distribution's bcc module, or explain how to get it."""
+    try:
+        import bcc
+    except ImportError as exc:
+        raise MerminError(
+            "The bcc Python module is missing; install python3-bpfcc (Debian/Ubuntu) "
+            "and run `make setup` to expose it to .venv."
+        ) from exc
+    return bcc
+
+
+def event_pages(capacity: int) -> int:
+    """Ring-buffer pages for `capacity` new-flow events (a power of two, as the kernel wants)."""
+    needed = -(-capacity * EVENT_BYTES // 4096)
+    return 1 << max(0, needed - 1).bit_length()
+
+
+def load_failed(exc: BaseException) -> MerminError:
+    """The error for a program BCC could not compile or the kernel would not load."""
+    if isinstance(exc, PermissionError):
+        return MerminError(
+            "The kernel refused to load the eBPF program (permission denied); "
+            "run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON."
+        )
+    return MerminError(  # BCC raises plain Exception for compile/verifier errors
+        f"Loading the eBPF program failed ({str(exc).strip().splitlines()[-1]}); "
+        "run `mermin doctor` to check kernel BPF support and headers."
+    )
+
+
+class Compiled(NamedTuple):
+    """bpf/flow.c compiled by BCC: maps created, programs not yet loaded."""
+
+    bpf: Any  # bcc.BPF
+    headers: HeaderTree  # the kernel headers it was compiled against
+    seconds: float  # the compile's wall time
+
+
+def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compiled:
+    """Compile bpf/flow.c for a table of `max_flows` and a ring of `event_capacity` events."""
+    started = time.monotonic()
+    headers = prepare_bcc_headers()
+    bcc = import_bcc()
+    src = bpf_source()
+    if not src.is_file():
+        raise MerminError(f"The eBPF source {src} is missing; reinstall mermin.")
+    cflags = [f"-DMAX_FLOWS={max_flows}", f"-DEVENT_PAGES={event_pages(event_capacity)}"]
+    if offline:
+        cflags.append("-DOFFLINE_CLOCK")
+    try:
+        bpf = bcc.BPF(src_file=str(src).encode(), cflags=cflags)
+    except Exception as exc:
+        raise load_failed(exc) from exc
+    return Compiled(bpf, headers, time.monotonic() - started)
+
+
+def load_in_background(max_flows: int, event_capacity: int) -> Future[FlowProgram]:
+    """Compile and load the live flow program in a thread. The LLVM compile runs in libbcc
+    with the GIL released, so the caller's imports and set-up proceed meanwhile."""
+    future: Future[FlowProgram] = Future()
+
+    def load() -> None:
+        try:
+            compiled = compile_flow_c(max_flows, event_capacity, offline=False)
+            from mermin_cli.engine.program import FlowProgram  # numpy: after the compile began
+
+            future.set_result(FlowProgram(max_flows, event_capacity, compiled=compiled))
+        except BaseException as exc:  # handed to whoever waits for the program
+            future.set_exception(exc)
+
+    threading.Thread(target=load, name="mermin-load", daemon=True).start()
+    return future
