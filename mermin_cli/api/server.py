@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,7 @@ from mermin_cli.errors import MerminError
 log = logging.getLogger("mermin.api")
 
 Checks = Callable[[], dict[str, bool]]
+SHUTDOWN_POLL = 0.1  # seconds between the API server's checks for a shutdown request
 
 
 class ApiServer:
@@ -63,15 +65,36 @@ class ApiServer:
             def log_message(self, *args: Any) -> None:
                 """Requests are not logged (probes would flood the log)."""
 
+        self.server = HttpServer("API server", 'internal "server"', address, port, Handler)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def start(self) -> None:
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class HttpServer:
+    """A threaded HTTP server for `handler` on `address` (IPv4 or IPv6) and `port`."""
+
+    def __init__(
+        self, what: str, block: str, address: str, port: int, handler: type[BaseHTTPRequestHandler]
+    ) -> None:
+        """`what` and `block` name the server and its config block in a bind error."""
         try:
-            self.httpd = ThreadingHTTPServer((address, port), Handler)
-        except OSError as exc:
-            raise MerminError(
-                _bind_error("API server", 'internal "server"', address, port, exc)
-            ) from exc
+            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                        flags=socket.AI_PASSIVE)[0][0]  # fmt: skip
+            server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+            self.httpd = server_class((address, port), handler)
+        except (OSError, socket.gaierror) as exc:
+            raise MerminError(_bind_error(what, block, address, port, exc)) from exc
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, name="mermin-api", daemon=True
+        self.thread = threading.Thread(  # polls often: close() waits for one poll
+            target=self.httpd.serve_forever, args=(SHUTDOWN_POLL,), name="mermin-http", daemon=True
         )
 
     @property
@@ -106,18 +129,12 @@ def _bind_error(what: str, block: str, address: str, port: int, exc: OSError) ->
 
 def start_metrics_server(registry: Any, address: str, port: int) -> Callable[[], None]:
     """Serve /metrics from `registry`; returns a function that stops the server."""
-    from prometheus_client import start_http_server
+    from prometheus_client.exposition import MetricsHandler
 
-    try:
-        server, thread = start_http_server(port, addr=address, registry=registry)
-    except OSError as exc:
-        raise MerminError(
-            _bind_error("metrics server", 'internal "metrics"', address, port, exc)
-        ) from exc
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=2)
-
-    return stop
+    # Not prometheus_client's start_http_server: its serve loop polls every 0.5 s, which
+    # every exit waited for.
+    server = HttpServer(
+        "metrics server", 'internal "metrics"', address, port, MetricsHandler.factory(registry)
+    )
+    server.start()
+    return server.close

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import threading
 from collections.abc import Callable
@@ -25,14 +26,15 @@ class LinkWatcher(threading.Thread):
         super().__init__(name="mermin-links", daemon=True)
         self.on_change = on_change
         self._done = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the select at once
         self._ipr = IPRoute()
         self._ipr.bind(groups=RTMGRP_LINK)
 
     def run(self) -> None:
         try:
             while not self._done.is_set():
-                ready, _, _ = select.select([self._ipr], [], [], 0.25)
-                if not ready:
+                ready, _, _ = select.select([self._ipr, self._wake_r], [], [])
+                if self._ipr not in ready:
                     continue
                 try:
                     self._ipr.get()
@@ -47,6 +49,11 @@ class LinkWatcher(threading.Thread):
             self._ipr.close()
 
     def stop(self) -> None:
+        if self._done.is_set():
+            return
         self._done.set()
+        os.write(self._wake_w, b"x")
         if self.is_alive():
             self.join(timeout=2)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)

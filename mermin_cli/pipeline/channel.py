@@ -45,6 +45,11 @@ class Channel(Generic[T]):
                 self._cond.notify_all()
             return len(taken)
 
+    def wake(self) -> None:
+        """End a get_many() that is waiting, with what the channel holds (maybe nothing)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def get_many(self, limit: int, timeout: float) -> list[T]:
         """Up to `limit` items, waiting at most `timeout` seconds for the first one."""
         with self._cond:

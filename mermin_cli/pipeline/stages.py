@@ -37,8 +37,9 @@ RINGBUF_IDLE_WAIT = 0.02  # the ring buffer holds flow_events_capacity events me
 class Stage(threading.Thread):
     """A thread that runs `step()` until stopped, then drains its input once more."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, inbox: Channel[Any] | None = None) -> None:
         super().__init__(name=f"mermin-{name}", daemon=True)
+        self.inbox = inbox  # the channel it takes work from, woken by stop() (None: ring)
         self.stopping = threading.Event()
         self.error: BaseException | None = None
 
@@ -57,7 +58,15 @@ class Stage(threading.Thread):
 
     def stop(self) -> None:
         self.stopping.set()
+        if self.inbox is not None:
+            self.inbox.wake()
         self.join(timeout=10)
+
+    @property
+    def idle_wait(self) -> float:
+        """How long a step waits for input: not at all once stopping, as nothing more comes
+        (each stage stops after those feeding it), so shutdown costs no idle waits."""
+        return 0.0 if self.stopping.is_set() else IDLE_WAIT
 
 
 class EventReader(Stage):
@@ -86,7 +95,8 @@ class EventReader(Stage):
         self.bpf.ring_buffer_consume()
         events, self._pending = self._pending, []
         if not events:
-            time.sleep(RINGBUF_IDLE_WAIT)
+            if not self.stopping.is_set():
+                time.sleep(RINGBUF_IDLE_WAIT)
             return 0
         self.received += len(events)
         self.metrics.ringbuf_packets.labels(type="received").inc(len(events))
@@ -108,7 +118,7 @@ class Worker(Stage):
 
     def __init__(self, idx: int, channel: Channel[bytes], tracker: FlowTracker, metrics: Metrics,
                  interface_name: Callable[[int], str | None]) -> None:  # fmt: skip
-        super().__init__(f"worker-{idx}")
+        super().__init__(f"worker-{idx}", channel)
         self.channel = channel
         self.tracker = tracker
         self.metrics = metrics
@@ -116,7 +126,7 @@ class Worker(Stage):
         self.outcomes = {"created": 0, "filtered": 0, "known": 0, "gone": 0}
 
     def step(self) -> int:
-        events = self.channel.get_many(BATCH, IDLE_WAIT)
+        events = self.channel.get_many(BATCH, self.idle_wait)
         started = time.perf_counter()
         for raw in events:
             ev = np.frombuffer(raw, dtype=EVENT_DTYPE)[0]
@@ -145,14 +155,14 @@ class Decorator(Stage):
         decorators: Sequence[Callable[[list[FlowRecord]], None]],
         metrics: Metrics,
     ) -> None:
-        super().__init__("decorator")
+        super().__init__("decorator", source)
         self.source, self.target = source, target
         self.decorators = decorators
         self.metrics = metrics
         self.flushing = False  # at shutdown: wait for room instead of dropping
 
     def step(self) -> int:
-        records = self.source.get_many(BATCH, IDLE_WAIT)
+        records = self.source.get_many(BATCH, self.idle_wait)
         if not records:
             return 0
         started = time.perf_counter()
@@ -171,14 +181,14 @@ class Exporter(Stage):
     def __init__(
         self, source: Channel[FlowRecord], sinks: Sequence[Sink], metrics: Metrics
     ) -> None:
-        super().__init__("exporter")
+        super().__init__("exporter", source)
         self.source = source
         self.sinks = sinks
         self.metrics = metrics
         self.exported = 0
 
     def step(self) -> int:
-        records = self.source.get_many(BATCH, IDLE_WAIT)
+        records = self.source.get_many(BATCH, self.idle_wait)
         if not records:
             return 0
         self.metrics.sent_to_exporter.inc(len(records))
