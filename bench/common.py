@@ -24,8 +24,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 import netns  # noqa: E402
 
-from mermin_cli.engine import bpfsys  # noqa: E402, F401  (re-exported for the benchmarks)
-
 MERMIN = str(ROOT / ".venv" / "bin" / "mermin")
 RESULTS = ROOT / "bench" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -50,22 +48,6 @@ def ensure_tools(names: Sequence[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its waited-for children, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / CLK_TCK
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of `pid` and its live descendants (`ip netns exec` wraps the tool)."""
-    total = 0.0
-    for p in [pid, *descendants(pid)]:
-        with contextlib.suppress(OSError):
-            total += cpu_seconds(p)
-    return total
 
 
 def descendants(pid: int) -> list[int]:

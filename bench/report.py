@@ -58,19 +58,24 @@ def throughput(lines: list[str]) -> None:
         "client's veth, and each of its runs directly follows a no-capture run of the same "
         "protocol: throughput lost is the median over these pairs (the VM's speed drifts). "
         '"empty eBPF hooks" is a pass-through program on the same TCX hooks: the floor '
-        "for any TC-hook tool. Tool CPU: utime+stime of the tool's processes over the iperf3 "
-        "run, plus for mermin the run time of its eBPF programs (kernel BPF statistics, on "
-        "only during a second run so they do not slow the measured one), in % of one core. "
+        "for any TC-hook tool. CPU added: busy time of the whole machine (all CPUs: user, "
+        f"system, irq, softirq) during an iperf3 run at a fixed {data['rate']}bit/s, minus "
+        "the no-capture run right before it, in % of one core (median of pairs). The whole "
+        "machine, because a capture tool's per-packet work runs in the senders' context, "
+        "outside its process: mermin's eBPF programs, the AF_PACKET copies that feed "
+        "softflowd's and pmacctd's libpcap. "
         "Command: `sudo .venv/bin/python bench/throughput.py`.",
         "",
-        "| protocol | tool | Gbit/s | throughput lost | tool CPU (% of a core) | runs: lost % |",
-        "|---|---|---|---|---|---|",
+        "| protocol | tool | Gbit/s | throughput lost | CPU added (% of a core) "
+        "| runs: lost % | runs: CPU added % |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         runs = ", ".join(f"{x:+.0f}" for x in r["loss_samples"])
+        cpu_runs = ", ".join(f"{x:+.1f}" for x in r["cpu_samples"])
         lines.append(
             f"| {r['protocol']} | {r['tool']} | {r['gbit_s']:.2f} | {r['overhead_pct']:+.1f} % "
-            f"| {r['cpu_pct']:.1f} % | {runs} |"
+            f"| {r['cpu_added_pct']:+.1f} % | {runs} | {cpu_runs} |"
         )
     for proto in ("tcp", "udp"):
         rows = [r for r in data["rows"] if r["protocol"] == proto]
@@ -189,11 +194,11 @@ def targets(lines: list[str]) -> None:
             if spread > 10:
                 verdict = f"inconclusive: the empty program's pairs spread {spread:.0f} points"
             rows.append((f"{proto.upper()} throughput cost <= 5 %", f"{lost:.1f} %", verdict))
-            cpu = {t: by[(proto, t)]["cpu_pct"] for t in ("mermin", "softflowd", "pmacctd")}
+            cpu = {t: by[(proto, t)]["cpu_added_pct"] for t in ("mermin", "softflowd", "pmacctd")}
             rows.append(
                 (
                     f"{proto.upper()}: less CPU than softflowd and pmacctd",
-                    ", ".join(f"{t} {c:.1f} %" for t, c in cpu.items()),
+                    ", ".join(f"{t} {c:+.1f} %" for t, c in cpu.items()),
                     cpu["mermin"] < min(cpu["softflowd"], cpu["pmacctd"]),
                 )
             )

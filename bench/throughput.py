@@ -8,33 +8,32 @@ watches veth0 in namespace a (the iperf3 client's side). "empty eBPF hooks" is a
 two-instruction pass-through program at TCX ingress and egress (bench/empty_hooks.py):
 what any TC-hook tool pays before doing anything.
 
-Tool CPU is utime+stime from /proc/<pid>/stat over the iperf3 run; for mermin the run
-time of its eBPF programs is added, because that work happens in the senders' context,
-not in mermin's process. Measuring that needs the kernel's BPF statistics, which cost
-two clock reads per program run themselves, so mermin's CPU comes from a second iperf3
-run with them on, and its throughput from the run with them off.
+CPU is the whole machine's: busy time of all CPUs (user, system, irq and softirq, from
+/proc/stat) during an iperf3 run at a fixed rate (`--rate`, both cores well below
+saturation), minus that of the no-capture run right before it. Counting the tool's
+process alone would leave out what each tool makes the kernel do in the senders'
+context: mermin's eBPF programs, and the AF_PACKET copies of every packet that feed
+softflowd's and pmacctd's libpcap. At a fixed rate that work shows as busy time, where at
+full speed it only shows as lost throughput.
 
-    sudo .venv/bin/python bench/throughput.py [--runs N] [--seconds S]
+    sudo .venv/bin/python bench/throughput.py [--runs N] [--seconds S] [--rate 1G]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from common import (
+    CLK_TCK,
     MERMIN,
-    bpfsys,
     ensure_tools,
     machine,
     median,
@@ -43,34 +42,17 @@ from common import (
     running,
     save,
     softflowd_argv,
-    tree_cpu_seconds,
 )
 
 PROTOCOLS = ("tcp", "udp")
 EMPTY_HOOKS = Path(__file__).resolve().parent / "empty_hooks.py"
-BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
 
 
-@contextlib.contextmanager
-def bpf_run_time_stats() -> Iterator[None]:
-    """Kernel BPF run-time statistics on while the block runs (off again when the fd closes)."""
-    fd = bpfsys._bpf(BPF_ENABLE_STATS, bpfsys._attr(8, (0, "I", BPF_STATS_RUN_TIME)))
-    try:
-        yield
-    finally:
-        os.close(fd)
-
-
-def mermin_kernel_seconds(host: netns.Host) -> float:
-    """Run time of the mermin programs on the host's hooks (bpftool prog show)."""
-    links = json.loads(host.run(MERMIN, "interfaces", "--json", "-i", host.ifname).stdout)
-    ids = [t["prog_id"] for i in links if i["name"] == host.ifname
-           for t in i["tc_programs"] or [] if t["ours"]]  # fmt: skip
-    total = 0
-    for prog_id in ids:
-        info = json.loads(host.run("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
-        total += int(info.get("run_time_ns", 0))
-    return total / 1e9
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (user, system, irq, softirq; all CPUs)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / CLK_TCK
 
 
 def tools(host: netns.Host, tmp: Path) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
@@ -88,34 +70,21 @@ def tools(host: netns.Host, tmp: Path) -> dict[str, Callable[[], AbstractContext
     }
 
 
-def cpu_used(tool: str, proc: subprocess.Popen[str] | None, host: netns.Host) -> float:
-    """CPU seconds the tool has used so far (mermin: its process and its eBPF programs)."""
-    used = tree_cpu_seconds(proc.pid) if proc else 0.0
-    return used + (mermin_kernel_seconds(host) if tool == "mermin" else 0.0)
+def busy_pct(client: netns.Host, server: netns.Host, proto: str, seconds: float,
+             rate: str) -> float:  # fmt: skip
+    """The machine's busy CPU during one iperf3 run at a fixed rate, in % of one core."""
+    before, started = busy_seconds(), time.monotonic()
+    iperf(client, server, proto, seconds, rate)
+    return 100 * (busy_seconds() - before) / (time.monotonic() - started)
 
 
-def measured_iperf(
-    tool: str,
-    proc: subprocess.Popen[str] | None,
-    client: netns.Host,
-    server: netns.Host,
-    proto: str,
-    seconds: float,
-) -> tuple[float, float]:
-    """Gbit/s of one iperf3 run and the tool's CPU over it (% of one core)."""
-    before = cpu_used(tool, proc, client)
-    started = time.monotonic()
-    rate = iperf(client, server, proto, seconds)
-    elapsed = time.monotonic() - started
-    return rate, 100 * (cpu_used(tool, proc, client) - before) / elapsed
-
-
-def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float) -> float:
-    """Receiver-side Gbit/s of one iperf3 run."""
+def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float,
+          rate: str = "0") -> float:  # fmt: skip
+    """Receiver-side Gbit/s of one iperf3 run (`rate` 0: as fast as it goes)."""
     # Client on CPU 0, server on CPU 1: less run-to-run noise on a small machine.
-    argv = ["iperf3", "-c", server.ip4, "-t", str(seconds), "-J", "-A", "0,1"]
+    argv = ["iperf3", "-c", server.ip4, "-t", str(seconds), "-J", "-A", "0,1", "-b", rate]
     if proto == "udp":
-        argv += ["-u", "-b", "0", "-l", "1400"]
+        argv += ["-u", "-l", "1400"]
     out = json.loads(client.run(*argv, timeout=seconds + 30).stdout)
     end = out["end"]
     summary = end.get("sum_received") or end["sum"]
@@ -126,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rate", default="1G", help="iperf3 -b of the CPU runs")
     args = ap.parse_args()
     ensure_tools(["iperf3", "softflowd", "pmacctd"])
     gbps: dict[tuple[str, str], list[float]] = {}
@@ -145,12 +115,11 @@ def main() -> None:
                     # A no-capture run right before each tool's run: the VM's speed drifts,
                     # and the loss of each pair cancels most of the drift.
                     base = {proto: iperf(a, b, proto, args.seconds) for proto in PROTOCOLS}
-                    with make() as proc:
+                    idle = {p: busy_pct(a, b, p, args.seconds, args.rate) for p in PROTOCOLS}
+                    with make():
                         for proto in PROTOCOLS:
-                            rate, used = measured_iperf(name, proc, a, b, proto, args.seconds)
-                            if name == "mermin":  # its CPU, eBPF included: see the module doc
-                                with bpf_run_time_stats():
-                                    _, used = measured_iperf(name, proc, a, b, proto, args.seconds)
+                            rate = iperf(a, b, proto, args.seconds)
+                            used = busy_pct(a, b, proto, args.seconds, args.rate) - idle[proto]
                             gbps.setdefault((name, proto), []).append(rate)
                             loss.setdefault((name, proto), []).append(
                                 100 * (base[proto] - rate) / base[proto]
@@ -162,21 +131,22 @@ def main() -> None:
             "tool": name,
             "gbit_s": median(gbps[(name, proto)]),
             "overhead_pct": median(loss[(name, proto)]),
-            "cpu_pct": median(cpu[(name, proto)]),
+            "cpu_added_pct": median(cpu[(name, proto)]),
             "samples": gbps[(name, proto)],
             "loss_samples": loss[(name, proto)],
+            "cpu_samples": cpu[(name, proto)],
         }
         for proto in PROTOCOLS
         for name in conditions
     ]
-    save("throughput", {"runs": args.runs, "seconds": args.seconds, "rows": rows,
-                        "machine": machine()})  # fmt: skip
-    print("| protocol | tool | Gbit/s | throughput lost (median of pairs) | tool CPU |")
+    save("throughput", {"runs": args.runs, "seconds": args.seconds, "rate": args.rate,
+                        "rows": rows, "machine": machine()})  # fmt: skip
+    print("| protocol | tool | Gbit/s | throughput lost (median of pairs) | CPU added |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['protocol']} | {r['tool']} | {r['gbit_s']:.2f} | {r['overhead_pct']:+.1f} % "
-            f"| {r['cpu_pct']:.1f} % |"
+            f"| {r['cpu_added_pct']:+.1f} % |"
         )
 
 
