@@ -58,8 +58,8 @@ def throughput(lines: list[str]) -> None:
         "client's veth, and each of its runs directly follows a no-capture run of the same "
         "protocol: throughput lost is the median over these pairs (the VM's speed drifts). "
         '"empty eBPF hooks" is a pass-through program on the same TCX hooks: the floor '
-        "for any TC-hook tool. CPU added: busy time of the whole machine (all CPUs: user, "
-        f"system, irq, softirq) during an iperf3 run at a fixed {data['rate']}bit/s, minus "
+        "for any TC-hook tool. CPU added: run time of all the machine's tasks (the root "
+        f"cgroup's cpuacct) during an iperf3 run at a fixed {data['rate']}bit/s, minus "
         "the no-capture run right before it, in % of one core (median of pairs). The whole "
         "machine, because a capture tool's per-packet work runs in the senders' context, "
         "outside its process: mermin's eBPF programs, the AF_PACKET copies that feed "

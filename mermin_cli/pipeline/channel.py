@@ -21,6 +21,7 @@ class Channel(Generic[T]):
         self.taken = 0
         self._items: deque[T] = deque()
         self._cond = threading.Condition()
+        self._draining = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -45,15 +46,16 @@ class Channel(Generic[T]):
                 self._cond.notify_all()
             return len(taken)
 
-    def wake(self) -> None:
-        """End a get_many() that is waiting, with what the channel holds (maybe nothing)."""
+    def drain(self) -> None:
+        """Its taker is stopping: from now on get_many() never waits (a waiting one returns)."""
         with self._cond:
+            self._draining = True
             self._cond.notify_all()
 
     def get_many(self, limit: int, timeout: float) -> list[T]:
         """Up to `limit` items, waiting at most `timeout` seconds for the first one."""
         with self._cond:
-            if not self._items:
+            if not self._items and not self._draining:
                 self._cond.wait(timeout)
             out = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
             self.taken += len(out)

@@ -30,8 +30,10 @@ from mermin_cli.pipeline.channel import Channel
 log = logging.getLogger("mermin.pipeline")
 
 BATCH = 1024  # items a stage takes from its channel at once
-IDLE_WAIT = 0.1  # seconds a stage waits for work before checking whether to stop
-RINGBUF_IDLE_WAIT = 0.02  # the ring buffer holds flow_events_capacity events meanwhile
+IDLE_WAIT = 1.0  # seconds a stage waits for work (stop() ends the wait at once)
+# The ring buffer is read every 20 ms while events come, backing off to 100 ms when idle
+# (a wake-up costs ~0.1 ms of Python); it holds flow_events_capacity events meanwhile.
+RINGBUF_WAIT = (0.02, 0.1)
 
 
 class Stage(threading.Thread):
@@ -59,14 +61,10 @@ class Stage(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         if self.inbox is not None:
-            self.inbox.wake()
+            # Nothing more comes (each stage stops after those feeding it): take what is
+            # there without waiting, so shutdown costs no idle waits.
+            self.inbox.drain()
         self.join(timeout=10)
-
-    @property
-    def idle_wait(self) -> float:
-        """How long a step waits for input: not at all once stopping, as nothing more comes
-        (each stage stops after those feeding it), so shutdown costs no idle waits."""
-        return 0.0 if self.stopping.is_set() else IDLE_WAIT
 
 
 class EventReader(Stage):
@@ -81,6 +79,7 @@ class EventReader(Stage):
         self.dispatched = 0
         self.dropped = 0
         self._pending: list[bytes] = []
+        self._wait = RINGBUF_WAIT[0]
 
         def on_event(_ctx: Any, data: int, size: int) -> int:
             self._pending.append(ctypes.string_at(data, size))
@@ -96,8 +95,10 @@ class EventReader(Stage):
         events, self._pending = self._pending, []
         if not events:
             if not self.stopping.is_set():
-                time.sleep(RINGBUF_IDLE_WAIT)
+                time.sleep(self._wait)
+                self._wait = min(2 * self._wait, RINGBUF_WAIT[1])
             return 0
+        self._wait = RINGBUF_WAIT[0]
         self.received += len(events)
         self.metrics.ringbuf_packets.labels(type="received").inc(len(events))
         self.metrics.ringbuf_bytes.inc(sum(len(e) for e in events))
@@ -126,7 +127,7 @@ class Worker(Stage):
         self.outcomes = {"created": 0, "filtered": 0, "known": 0, "gone": 0}
 
     def step(self) -> int:
-        events = self.channel.get_many(BATCH, self.idle_wait)
+        events = self.channel.get_many(BATCH, IDLE_WAIT)
         started = time.perf_counter()
         for raw in events:
             ev = np.frombuffer(raw, dtype=EVENT_DTYPE)[0]
@@ -162,7 +163,7 @@ class Decorator(Stage):
         self.flushing = False  # at shutdown: wait for room instead of dropping
 
     def step(self) -> int:
-        records = self.source.get_many(BATCH, self.idle_wait)
+        records = self.source.get_many(BATCH, IDLE_WAIT)
         if not records:
             return 0
         started = time.perf_counter()
@@ -188,7 +189,7 @@ class Exporter(Stage):
         self.exported = 0
 
     def step(self) -> int:
-        records = self.source.get_many(BATCH, self.idle_wait)
+        records = self.source.get_many(BATCH, IDLE_WAIT)
         if not records:
             return 0
         self.metrics.sent_to_exporter.inc(len(records))
