@@ -55,8 +55,8 @@ static __always_inline void bench_bump(struct __sk_buff *skb, __u32 off)
     if ((void *)(field + 1) <= data_end)
         *field += 1;
 }
-int bench_new_flow(struct __sk_buff *skb) { handle(skb, 1, 0); bench_bump(skb, 28); return -1; }
-int bench_hit_write(struct __sk_buff *skb) { handle(skb, 1, 0); bench_bump(skb, 18); return -1; }
+int bench_new_flow(struct __sk_buff *skb) { handle(skb, 1); bench_bump(skb, 28); return -1; }
+int bench_hit_write(struct __sk_buff *skb) { handle(skb, 1); bench_bump(skb, 18); return -1; }
 int bench_write_only(struct __sk_buff *skb) { bench_bump(skb, 28); return -1; }
 """
 HIT_TARGET, NEW_FLOW_TARGET = 3.0, 15.0

@@ -9,14 +9,15 @@ two-instruction pass-through program at TCX ingress and egress (bench/empty_hook
 what any TC-hook tool pays before doing anything.
 
 CPU is the whole machine's: the run time of all its tasks (see busy_seconds) during an
-iperf3 run at a fixed rate (`--rate`, well below saturation), minus that of the
+iperf3 run at a fixed load well below saturation (TCP at `--tcp-rate`; UDP in 64-byte
+datagrams at `--udp-rate`, so per-packet work dominates), minus that of the
 no-capture run right before it. Counting the tool's
 process alone would leave out what each tool makes the kernel do in the senders'
 context: mermin's eBPF programs, and the AF_PACKET copies of every packet that feed
 softflowd's and pmacctd's libpcap. At a fixed rate that work shows as busy time, where at
 full speed it only shows as lost throughput.
 
-    sudo .venv/bin/python bench/throughput.py [--runs N] [--seconds S] [--rate 300M]
+    sudo .venv/bin/python bench/throughput.py [--runs N] [--seconds S]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ EMPTY_HOOKS = Path(__file__).resolve().parent / "empty_hooks.py"
 
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct/cpuacct.usage")
+CpuLoad = dict[str, tuple[str, int]]  # protocol -> (iperf3 -b, UDP datagram bytes)
 
 
 def busy_seconds() -> float:
@@ -79,20 +81,21 @@ def tools(host: netns.Host, tmp: Path) -> dict[str, Callable[[], AbstractContext
 
 
 def busy_pct(client: netns.Host, server: netns.Host, proto: str, seconds: float,
-             rate: str) -> float:  # fmt: skip
-    """The machine's busy CPU during one iperf3 run at a fixed rate, in % of one core."""
+             load: CpuLoad) -> float:  # fmt: skip
+    """The machine's busy CPU during one iperf3 run at a fixed load, in % of one core."""
     before, started = busy_seconds(), time.monotonic()
-    iperf(client, server, proto, seconds, rate)
+    iperf(client, server, proto, seconds, *load[proto])
     return 100 * (busy_seconds() - before) / (time.monotonic() - started)
 
 
 def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float,
-          rate: str = "0") -> float:  # fmt: skip
-    """Receiver-side Gbit/s of one iperf3 run (`rate` 0: as fast as it goes)."""
+          rate: str = "0", length: int = 1400) -> float:  # fmt: skip
+    """Receiver-side Gbit/s of one iperf3 run (`rate` 0: as fast as it goes; `length`:
+    UDP datagram size)."""
     # Client on CPU 0, server on CPU 1: less run-to-run noise on a small machine.
     argv = ["iperf3", "-c", server.ip4, "-t", str(seconds), "-J", "-A", "0,1", "-b", rate]
     if proto == "udp":
-        argv += ["-u", "-l", "1400"]
+        argv += ["-u", "-l", str(length)]
     out = json.loads(client.run(*argv, timeout=seconds + 30).stdout)
     end = out["end"]
     summary = end.get("sum_received") or end["sum"]
@@ -103,9 +106,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--rate", default="300M", help="iperf3 -b of the CPU runs")
+    ap.add_argument("--tcp-rate", default="300M", help="iperf3 -b of the TCP CPU runs")
+    ap.add_argument("--udp-rate", default="20M", help="iperf3 -b of the UDP CPU runs (64 B)")
     args = ap.parse_args()
     ensure_tools(["iperf3", "softflowd", "pmacctd"])
+    load: CpuLoad = {"tcp": (args.tcp_rate, 1400), "udp": (args.udp_rate, 64)}
     gbps: dict[tuple[str, str], list[float]] = {}
     loss: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}
@@ -123,11 +128,11 @@ def main() -> None:
                     # A no-capture run right before each tool's run: the VM's speed drifts,
                     # and the loss of each pair cancels most of the drift.
                     base = {proto: iperf(a, b, proto, args.seconds) for proto in PROTOCOLS}
-                    idle = {p: busy_pct(a, b, p, args.seconds, args.rate) for p in PROTOCOLS}
+                    idle = {p: busy_pct(a, b, p, args.seconds, load) for p in PROTOCOLS}
                     with make():
                         for proto in PROTOCOLS:
                             rate = iperf(a, b, proto, args.seconds)
-                            used = busy_pct(a, b, proto, args.seconds, args.rate) - idle[proto]
+                            used = busy_pct(a, b, proto, args.seconds, load) - idle[proto]
                             gbps.setdefault((name, proto), []).append(rate)
                             loss.setdefault((name, proto), []).append(
                                 100 * (base[proto] - rate) / base[proto]
@@ -147,7 +152,7 @@ def main() -> None:
         for proto in PROTOCOLS
         for name in conditions
     ]
-    save("throughput", {"runs": args.runs, "seconds": args.seconds, "rate": args.rate,
+    save("throughput", {"runs": args.runs, "seconds": args.seconds, "cpu_load": load,
                         "rows": rows, "machine": machine()})  # fmt: skip
     print("| protocol | tool | Gbit/s | throughput lost (median of pairs) | CPU added |")
     print("|---|---|---|---|---|")
