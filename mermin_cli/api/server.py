@@ -88,9 +88,10 @@ class HttpServer:
         try:
             family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
                                         flags=socket.AI_PASSIVE)[0][0]  # fmt: skip
+            # The family is a class attribute of socketserver servers: a subclass per family.
             server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
             self.httpd = server_class((address, port), handler)
-        except (OSError, socket.gaierror) as exc:
+        except OSError as exc:  # socket.gaierror included
             raise MerminError(_bind_error(what, block, address, port, exc)) from exc
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(  # polls often: close() waits for one poll
