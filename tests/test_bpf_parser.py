@@ -912,8 +912,9 @@ def test_forwarded_packet_at_egress_is_egress(kernel: Kernel, program: FlowProgr
     )
 
 
-HOOKS_LIVE = """
-import json, socket, sys
+# Run inside a test namespace: the flow program attached to IFNAME (TCX or tc: MODE).
+ATTACHED = """
+import json, socket, struct, sys
 from mermin_cli.discovery.interfaces import list_interfaces
 from mermin_cli.engine.attach import Attacher
 from mermin_cli.engine.program import FlowProgram
@@ -921,6 +922,10 @@ from mermin_cli.flows.table import FlowTable
 program = FlowProgram(1024)
 attacher = Attacher(program, "MODE")
 attacher.attach(next(i for i in list_interfaces() if i.name == "IFNAME"))
+"""
+HOOKS_LIVE = (
+    ATTACHED
+    + """
 print("ready", flush=True)
 sys.stdin.readline()
 keys, values = FlowTable.of(program, 1024).read()
@@ -929,6 +934,7 @@ ports = [{int(k["lo_port"]), int(k["hi_port"])} & {7001, 7002} for k, _ in udp]
 print(json.dumps(sorted([min(p), int(v["first_hook"])] for p, (_, v) in zip(ports, udp))))
 attacher.close()
 """
+)
 
 
 @pytest.mark.parametrize("mode", ["tcx", "tc"])
@@ -950,6 +956,37 @@ def test_one_program_tells_the_hooks_apart_live(link: netns.Link, mode: str) -> 
     finally:
         proc.communicate(timeout=30)
     assert seen == [[7001, HOOK_EGRESS], [7002, 0]]  # [server port, first_hook]
+
+
+NON_LINEAR = (
+    ATTACHED
+    + """
+# PACKET_VNET_HDR with hdr_len 14: the kernel puts only the Ethernet header in the linear
+# area and the rest of a frame of a page or more in page fragments (packet_snd).
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+sock.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+sock.bind(("IFNAME", 0))
+sock.send(struct.pack("<BBHHHH", 0, 0, 14, 0, 0, 0) + bytes.fromhex("FRAME"))
+keys, values = FlowTable.of(program, 1024).read()
+print(json.dumps({"flows": [[int(k["lo_port"]), int(k["hi_port"]), v["packets"].tolist(),
+                             v["bytes"].tolist()] for k, v in zip(keys, values)],
+                  "counters": program.counters()}))
+attacher.close()
+"""
+)
+
+
+def test_headers_beyond_the_linear_area_are_pulled_in_live(link: netns.Link) -> None:
+    """A frame whose IP header is not in the skb's linear area (only the Ethernet header
+    is) is pulled in and parsed again: counted in full, nothing reported truncated."""
+    a, b = link.a, link.b
+    for host in (a, b):
+        host.run("ip", "link", "set", "dev", host.ifname, "mtu", "9000")
+    frame = eth(ip4(a.ip4, b.ip4, UDP, udp(4000, 4001, bytes(6000))))
+    code = NON_LINEAR.replace("MODE", "tcx").replace("IFNAME", a.ifname)
+    seen = json.loads(a.exec_python(code.replace("FRAME", frame.hex())))
+    assert seen["flows"] == [[4000, 4001, [1, 0], [6028, 0]]]
+    assert seen["counters"]["truncated"] == 0 and seen["counters"]["packets"] == 1
 
 
 @pytest.mark.parametrize("egress", [False, True], ids=["ingress", "egress"])
