@@ -62,7 +62,7 @@ def throughput(lines: list[str]) -> None:
         "for any TC-hook tool. CPU added: run time of all the machine's tasks (the root "
         "cgroup's cpuacct) during an iperf3 run at a fixed load (TCP "
         f"{data['cpu_load']['tcp'][0]}bit/s; UDP {data['cpu_load']['udp'][0]}bit/s in "
-        f"{data['cpu_load']['udp'][1]}-byte datagrams), minus "
+        f"{data['cpu_load']['udp'][1]}-byte datagrams; {data['cpu_seconds']:.0f} s runs), minus "
         "the no-capture run right before it, in % of one core (median of pairs). The whole "
         "machine, because a capture tool's per-packet work runs in the senders' context, "
         "outside its process: mermin's eBPF programs, the AF_PACKET copies that feed "

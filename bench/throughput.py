@@ -105,7 +105,8 @@ def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--seconds", type=float, default=2.0, help="each throughput run")
+    ap.add_argument("--cpu-seconds", type=float, default=5.0, help="each fixed-load CPU run")
     ap.add_argument("--tcp-rate", default="300M", help="iperf3 -b of the TCP CPU runs")
     ap.add_argument("--udp-rate", default="20M", help="iperf3 -b of the UDP CPU runs (64 B)")
     args = ap.parse_args()
@@ -128,11 +129,11 @@ def main() -> None:
                     # A no-capture run right before each tool's run: the VM's speed drifts,
                     # and the loss of each pair cancels most of the drift.
                     base = {proto: iperf(a, b, proto, args.seconds) for proto in PROTOCOLS}
-                    idle = {p: busy_pct(a, b, p, args.seconds, load) for p in PROTOCOLS}
+                    idle = {p: busy_pct(a, b, p, args.cpu_seconds, load) for p in PROTOCOLS}
                     with make():
                         for proto in PROTOCOLS:
                             rate = iperf(a, b, proto, args.seconds)
-                            used = busy_pct(a, b, proto, args.seconds, load) - idle[proto]
+                            used = busy_pct(a, b, proto, args.cpu_seconds, load) - idle[proto]
                             gbps.setdefault((name, proto), []).append(rate)
                             loss.setdefault((name, proto), []).append(
                                 100 * (base[proto] - rate) / base[proto]
@@ -152,7 +153,8 @@ def main() -> None:
         for proto in PROTOCOLS
         for name in conditions
     ]
-    save("throughput", {"runs": args.runs, "seconds": args.seconds, "cpu_load": load,
+    save("throughput", {"runs": args.runs, "seconds": args.seconds,
+                        "cpu_seconds": args.cpu_seconds, "cpu_load": load,
                         "rows": rows, "machine": machine()})  # fmt: skip
     print("| protocol | tool | Gbit/s | throughput lost (median of pairs) | CPU added |")
     print("|---|---|---|---|---|")
