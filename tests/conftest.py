@@ -15,6 +15,7 @@ import functools
 import os
 import re
 from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,20 @@ def _require_bpf_fixture() -> None:
 def _require_root_fixture() -> None:
     """Fixture form of :func:`require_root`."""
     require_root()
+
+
+COMMUNITY_ID_DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "community-id"
+
+
+@pytest.fixture(name="community_id_data", scope="session")
+def _community_id_data() -> Path:
+    """The Community ID spec's testdata (``$MERMIN_TESTDATA`` wins); missing data fails."""
+    env = os.environ.get("MERMIN_TESTDATA")
+    path = Path(env) if env else COMMUNITY_ID_DATA
+    if not path.is_dir():
+        source = "MERMIN_TESTDATA" if env else "default location"
+        pytest.fail(f"Community ID testdata not found at {path} ({source})")
+    return path
 
 
 def _tag(request: pytest.FixtureRequest) -> str:

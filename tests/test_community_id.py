@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,6 @@ import dpkt
 import pytest
 
 from mermin_cli.flows.community_id import community_id
-
-_DEFAULT_DATA_DIR = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "community-id"
-)
 
 # Baseline file, seed, base64 output.
 _BASELINES = [
@@ -38,16 +33,6 @@ _PCAPS = [
 ]
 
 FlowTuple = tuple[int, bytes, bytes, int | None, int | None]
-
-
-def _data_dir() -> Path:
-    """The spec's testdata directory (``$MERMIN_TESTDATA`` wins); missing data fails."""
-    env = os.environ.get("MERMIN_TESTDATA")
-    path = Path(env) if env else _DEFAULT_DATA_DIR
-    if not path.is_dir():
-        source = "MERMIN_TESTDATA" if env else "default location"
-        pytest.fail(f"Community ID testdata not found at {path} ({source})")
-    return path
 
 
 def _packed(addr: str) -> bytes:
@@ -78,8 +63,8 @@ def _entry_id(entry: dict[str, Any], seed: int, b64: bool) -> str:
 
 
 @pytest.mark.parametrize(("name", "seed", "b64"), _BASELINES)
-def test_baseline(name: str, seed: int, b64: bool) -> None:
-    entries = _load(_data_dir(), name)
+def test_baseline(community_id_data: Path, name: str, seed: int, b64: bool) -> None:
+    entries = _load(community_id_data, name)
     mismatches = [
         (entry, got)
         for entry in entries
@@ -123,14 +108,14 @@ def _baseline_by_key(data_dir: Path) -> dict[tuple[int, bytes, bytes, int | None
     return table
 
 
-def test_every_pcap_is_covered() -> None:
-    found = {p.name for p in _data_dir().iterdir() if p.name.endswith((".pcap", ".pcap.gz"))}
+def test_every_pcap_is_covered(community_id_data: Path) -> None:
+    found = {p.name for p in community_id_data.iterdir() if p.name.endswith((".pcap", ".pcap.gz"))}
     assert found == {*_PCAPS, "arp.pcap"}
 
 
 @pytest.mark.parametrize("name", _PCAPS)
-def test_pcap_packets_match_baseline(name: str) -> None:
-    data_dir = _data_dir()
+def test_pcap_packets_match_baseline(community_id_data: Path, name: str) -> None:
+    data_dir = community_id_data
     baseline = _baseline_by_key(data_dir)
     seen = 0
     for proto, saddr, daddr, sport, dport in _packet_tuples(data_dir / name):
@@ -140,15 +125,15 @@ def test_pcap_packets_match_baseline(name: str) -> None:
     assert seen > 0
 
 
-def test_combined_pcap_yields_exactly_the_baseline_ids() -> None:
-    data_dir = _data_dir()
+def test_combined_pcap_yields_exactly_the_baseline_ids(community_id_data: Path) -> None:
+    data_dir = community_id_data
     ids = {community_id(*tpl) for tpl in _packet_tuples(data_dir / "combined.pcap.gz")}
     baseline = {e["communityid"] for e in _load(data_dir, "baseline_deflt.json")}
     assert ids == baseline
 
 
-def test_arp_pcap_has_no_ip_packets() -> None:
-    assert list(_packet_tuples(_data_dir() / "arp.pcap")) == []
+def test_arp_pcap_has_no_ip_packets(community_id_data: Path) -> None:
+    assert list(_packet_tuples(community_id_data / "arp.pcap")) == []
 
 
 @pytest.mark.parametrize(

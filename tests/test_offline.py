@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import os
 import socket
 import struct
 import subprocess
@@ -51,18 +50,6 @@ pipeline {
   flow_producer { flow_store_poll_interval = "1s" }
 }
 """
-
-
-def _data_dir() -> Path:
-    env = os.environ.get("MERMIN_TESTDATA")
-    path = (
-        Path(env)
-        if env
-        else Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "community-id"
-    )
-    if not path.is_dir():
-        pytest.fail(f"Community ID testdata not found at {path}")
-    return path
 
 
 def read(
@@ -139,8 +126,10 @@ BASELINES = [(0, "baseline_deflt.json"), (1, "baseline_seed1.json")]
 
 
 @pytest.mark.parametrize(("seed", "baseline"), BASELINES)
-def test_community_ids_equal_the_spec_baseline(tmp_path: Path, seed: int, baseline: str) -> None:
-    data = _data_dir()
+def test_community_ids_equal_the_spec_baseline(
+    tmp_path: Path, community_id_data: Path, seed: int, baseline: str
+) -> None:
+    data = community_id_data
     code, records, err = read(data / "combined.pcap.gz", tmp_path, seed=seed)
     assert code == 0, err
     entries = json.loads((data / baseline).read_text())
