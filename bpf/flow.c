@@ -62,14 +62,15 @@
  * mermin_clock() (mermin_cli/engine/clock.py). The handshake times feed an RTT and use
  * the precise clock (ns). */
 #if defined(OFFLINE_CLOCK)
-/* Offline input (pcap through BPF_PROG_TEST_RUN): user space stores each packet's
- * timestamp (ns) here before running it, so every time is the recording's. Mmapable, so
- * the store is a memory write, not a syscall per packet. */
-BPF_F_TABLE("array", __u32, __u64, offline_clock, 1, BPF_F_MMAPABLE);
+/* Offline input (pcap records through BPF_PROG_TEST_RUN, see mermin_pcap): the time of
+ * the record being run (ns), so every time is the recording's, and two settings of the
+ * file that user space writes (the map is mmapable: no syscall) before the first run. */
+enum { OFF_NOW = 0, OFF_FRAC_NS, OFF_WINDOW, OFF_SLOTS };
+BPF_F_TABLE("array", __u32, __u64, offline_clock, OFF_SLOTS, BPF_F_MMAPABLE);
 static __always_inline __u64 offline_now(void)
 {
-    __u32 zero = 0;
-    __u64 *t = offline_clock.lookup(&zero);
+    __u32 slot = OFF_NOW;
+    __u64 *t = offline_clock.lookup(&slot);
     return t ? *t : 0;
 }
 #define table_time() offline_now()
@@ -256,8 +257,17 @@ static __always_inline void icmp_key_ports(struct pkt *p, __u8 v6, __u16 echo_id
     p->key.hi_port = p->icmp_code;
 }
 
+/*
+ * Header bounds. `data_end` is the end of the skb's data, the bound the verifier knows;
+ * `limit` is where this frame's bytes stop. Live they are the same pointer and the
+ * compiler folds the two tests into one; pcap records arrive several to a test run
+ * (mermin_pcap), and a record cut short by its snaplen must not read into the next one.
+ */
+#define CUT(ptr, n) ((void *)(ptr) + (n) > data_end || (void *)(ptr) + (n) > limit)
+
 /* Layer 4: ports, TCP flags, ICMP type/code. Returns 0, or -1 if truncated. */
-static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end, __u8 v6)
+static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end, void *limit,
+                                    __u8 v6)
 {
     __u8 proto = p->key.proto;
 
@@ -265,20 +275,20 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end, __u
         return 0; /* no transport header here */
 
     if (proto == PROTO_TCP) {
-        if (l4 + 14 > data_end)
+        if (CUT(l4, 14))
             return -1;
         __u16 *ports = l4;
         p->key.lo_port = bpf_ntohs(ports[0]);
         p->key.hi_port = bpf_ntohs(ports[1]);
         p->tcp_flags = *(__u8 *)(l4 + 13);
     } else if (proto == PROTO_UDP || proto == PROTO_SCTP || proto == PROTO_UDPLITE) {
-        if (l4 + 4 > data_end)
+        if (CUT(l4, 4))
             return -1;
         __u16 *ports = l4;
         p->key.lo_port = bpf_ntohs(ports[0]);
         p->key.hi_port = bpf_ntohs(ports[1]);
     } else if (proto == PROTO_ICMP || proto == PROTO_ICMPV6) {
-        if (l4 + 8 > data_end)
+        if (CUT(l4, 8))
             return -1;
         __u8 *icmp = l4;
         p->icmp_type = icmp[0];
@@ -289,10 +299,11 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, void *data_end, __u
     return 0;
 }
 
-static __always_inline int parse_ipv4(struct pkt *p, void *l3, void *data_end, __u32 l3_len)
+static __always_inline int parse_ipv4(struct pkt *p, void *l3, void *data_end, void *limit,
+                                      __u32 l3_len)
 {
     struct iphdr *ip = l3;
-    if ((void *)(ip + 1) > data_end)
+    if (CUT(ip, sizeof(*ip)))
         return -1;
     __u32 ihl = ip->ihl * 4;
     if (ihl < sizeof(*ip))
@@ -314,9 +325,9 @@ static __always_inline int parse_ipv4(struct pkt *p, void *l3, void *data_end, _
         return 0;
     }
     void *l4 = l3 + ihl;
-    if (l4 > data_end)
+    if (CUT(l4, 0))
         return -1;
-    return parse_l4(p, l4, data_end, 0);
+    return parse_l4(p, l4, data_end, limit, 0);
 }
 
 /* IPv6 extension headers that may precede the transport header. */
@@ -326,10 +337,11 @@ static __always_inline int is_ipv6_ext(__u8 nh)
            nh == 60 /* destination options */ || nh == 51 /* AH */;
 }
 
-static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, __u32 l3_len)
+static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, void *limit,
+                                      __u32 l3_len)
 {
     struct ipv6hdr *ip6 = l3;
-    if ((void *)(ip6 + 1) > data_end)
+    if (CUT(ip6, sizeof(*ip6)))
         return -1;
 
     p->key.ip_ver = 6;
@@ -353,7 +365,7 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, _
         if (!is_ipv6_ext(nh))
             break;
         __u8 *ext = hdr;
-        if ((void *)(ext + 8) > data_end)
+        if (CUT(ext, 8))
             return -1;
         __u32 len;
         if (nh == 44) {
@@ -374,9 +386,9 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3, void *data_end, _
     if (!p->no_l4 && is_ipv6_ext(nh))
         p->no_l4 = NO_L4_EXT_LIMIT; /* transport header not reached: track without ports */
     p->key.proto = nh;
-    if (hdr > data_end)
+    if (CUT(hdr, 0))
         return -1;
-    return parse_l4(p, hdr, data_end, 1);
+    return parse_l4(p, hdr, data_end, limit, 1);
 }
 
 /* Order the endpoints so both directions share a key; returns the packet direction. */
@@ -608,53 +620,54 @@ static __always_inline int filtered_out(struct pkt *p, __u8 dir)
     return 1;
 }
 
-/* Link and network layers into `p`: 0, or PARSE_NON_IP, or -1 when a header is cut short. */
+/* Link and network layers of one frame into `p`: 0, or PARSE_NON_IP, or -1 when a header
+ * is cut short. The frame starts at `data`; `frame_len` is its length on the wire and
+ * `l3_proto` the EtherType of an L3 device's packet (no link header). */
 #define PARSE_NON_IP 1
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, const int l2)
+static __always_inline int parse(struct pkt *p, void *data, void *data_end, void *limit,
+                                 __u32 frame_len, __u16 l3_proto, const int l2)
 {
-    void *data = (void *)(long)skb->data;
-    void *data_end = (void *)(long)skb->data_end;
-    __u16 eth_proto;
+    __u16 eth_proto = l3_proto;
     __u32 off = 0;
 
     if (l2) {
         struct ethhdr *eth = data;
-        if ((void *)(eth + 1) > data_end)
+        if (CUT(eth, sizeof(*eth)))
             return -1;
         eth_proto = eth->h_proto;
         off = sizeof(*eth);
-        if (skb->vlan_present)
-            p->vlan_id = skb->vlan_tci & 0x0fff; /* tag offloaded out of the data */
 #pragma unroll
         for (int i = 0; i < MAX_VLAN_TAGS; i++) {
             if (eth_proto != ETH_P_8021Q_BE && eth_proto != ETH_P_8021AD_BE)
                 break;
             __u16 *tag = data + off;
-            if ((void *)(tag + 2) > data_end)
+            if (CUT(tag, 4))
                 return -1;
             if (!p->vlan_id)
                 p->vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
             eth_proto = tag[1];
             off += 4;
         }
-    } else {
-        eth_proto = skb->protocol; /* L3 device: the packet starts at the IP header */
     }
 
-#ifdef OFFLINE_CLOCK
-    /* A recorded frame longer than a test run takes arrives cut; user space passes the
-     * length the capture recorded as wire_len, so the IP length field still counts. */
-    __u32 frame_len = skb->wire_len > skb->len ? skb->wire_len : skb->len;
-#else
-    __u32 frame_len = skb->len; /* live: wire_len counts every segment of a GSO packet */
-#endif
     __u32 l3_len = frame_len > off ? frame_len - off : 0;
     void *l3 = data + off;
     if (eth_proto == ETH_P_IP_BE)
-        return parse_ipv4(p, l3, data_end, l3_len);
+        return parse_ipv4(p, l3, data_end, limit, l3_len);
     if (eth_proto == ETH_P_IPV6_BE)
-        return parse_ipv6(p, l3, data_end, l3_len);
+        return parse_ipv6(p, l3, data_end, limit, l3_len);
     return PARSE_NON_IP;
+}
+
+/* parse() of a live packet: the skb's linear data; skb->len counts every segment of a
+ * GSO packet. */
+static __always_inline int parse_skb(struct __sk_buff *skb, struct pkt *p, const int l2)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    if (l2 && skb->vlan_present)
+        p->vlan_id = skb->vlan_tci & 0x0fff; /* tag offloaded out of the data */
+    return parse(p, data, data_end, data_end, skb->len, l2 ? 0 : skb->protocol, l2);
 }
 
 /* Ingress or egress: at a TC ingress hook the stack has just set the skb's input
@@ -668,13 +681,50 @@ static __always_inline __u8 hook_of(struct __sk_buff *skb)
     return skb->ingress_ifindex == skb->ifindex ? 0 : 1;
 }
 
-/* Common body: `l2` is a compile-time constant per entry point. */
+/* A parsed frame into the flow table: counters for what could not be parsed, else the
+ * hit path (update) or the miss path (filters, create). `data` is the frame's start. */
+static __always_inline void account(struct __sk_buff *skb, struct pkt *p, int ret,
+                                    void *data, void *data_end, const int l2)
+{
+    if (ret == PARSE_NON_IP) {
+        count(CTR_NON_IP, 1);
+        return;
+    }
+    if (ret < 0) {
+        count(CTR_TRUNCATED, 1);
+        return;
+    }
+    if (p->no_l4 == NO_L4_FRAGMENT)
+        count(CTR_FRAGMENT, 1);
+    else if (p->no_l4 == NO_L4_EXT_LIMIT)
+        count(CTR_IPV6_EXT_LIMIT, 1);
+
+    p->key.ifindex = skb->ifindex;
+    __u8 dir = normalize(&p->key);
+    __u64 now = table_time();
+
+    struct flow_stats *s = flows.lookup(&p->key);
+    if (s) {
+        update(s, p, dir, now);
+        return;
+    }
+    if (filtered_out(p, dir))
+        return;
+    if (l2) {
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) <= data_end)
+            __builtin_memcpy(p->mac, eth->h_source, 6);
+    }
+    create(p, dir, hook_of(skb), now);
+}
+
+/* Common body of the live entry points: `l2` is a compile-time constant per entry point. */
 static __always_inline int handle(struct __sk_buff *skb, const int l2)
 {
     count(CTR_PACKETS, 1);
 
     struct pkt p = {};
-    int ret = parse(skb, &p, l2);
+    int ret = parse_skb(skb, &p, l2);
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     if (ret < 0 && skb->len > data_end - data) {
@@ -685,41 +735,91 @@ static __always_inline int handle(struct __sk_buff *skb, const int l2)
          * loop measured 2 % slower on the hit path and compiles no faster. */
         bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
         __builtin_memset(&p, 0, sizeof(p));
-        ret = parse(skb, &p, l2);
+        ret = parse_skb(skb, &p, l2);
+        data = (void *)(long)skb->data;
+        data_end = (void *)(long)skb->data_end;
     }
-    if (ret == PARSE_NON_IP) {
-        count(CTR_NON_IP, 1);
-        return TC_ACT_UNSPEC;
-    }
-    if (ret < 0) {
-        count(CTR_TRUNCATED, 1);
-        return TC_ACT_UNSPEC;
-    }
-    if (p.no_l4 == NO_L4_FRAGMENT)
-        count(CTR_FRAGMENT, 1);
-    else if (p.no_l4 == NO_L4_EXT_LIMIT)
-        count(CTR_IPV6_EXT_LIMIT, 1);
-
-    p.key.ifindex = skb->ifindex;
-    __u8 dir = normalize(&p.key);
-    __u64 now = table_time();
-
-    struct flow_stats *s = flows.lookup(&p.key);
-    if (s) {
-        update(s, &p, dir, now);
-        return TC_ACT_UNSPEC;
-    }
-    if (filtered_out(&p, dir))
-        return TC_ACT_UNSPEC;
-    if (l2) {
-        struct ethhdr *eth = (void *)(long)skb->data;
-        if ((void *)(eth + 1) <= (void *)(long)skb->data_end)
-            __builtin_memcpy(p.mac, eth->h_source, 6);
-    }
-    create(&p, dir, hook_of(skb), now);
+    account(skb, &p, ret, data, data_end, l2);
     return TC_ACT_UNSPEC;
 }
 
 /* Both hooks of an Ethernet device, and of an L3 device (tun, wireguard: no link header). */
 int mermin_l2(struct __sk_buff *skb) { return handle(skb, 1); }
 int mermin_l3(struct __sk_buff *skb) { return handle(skb, 0); }
+
+#ifdef OFFLINE_CLOCK
+/*
+ * Offline input: classic pcap records, several to a test run. User space hands over a
+ * window of records (as they lie in the file, or staged by it from pcapng and other link
+ * types); each invocation runs one record through the same parse() and account() as a
+ * live packet, then tail-calls this program for the next: one syscall per window (up to
+ * 34 records, the kernel's tail-call limit) instead of one per packet.
+ *
+ * skb->cb in:  [0] 0, [1] 0, [2..3] deadline (ns): stop before a record this late, so user
+ *              space polls the table first as a live poller would have, [4] 0.
+ * skb->cb out: [0] bytes of the window consumed, [1] records run, [2..3] the time of the
+ *              record it stopped before (BATCH_DEADLINE), [4] why it stopped.
+ */
+struct pcap_rec {
+    __u32 sec;
+    __u32 frac;   /* microseconds or nanoseconds: offline_clock[OFF_FRAC_NS] ns each */
+    __u32 caplen; /* bytes of the frame that follow */
+    __u32 len;    /* the frame's length on the wire */
+};
+#define REC_MAX_CAPLEN 0x40000 /* libpcap's limit too: longer means a damaged file */
+#define WINDOW_MAX 0x8000 /* above any test run's data; keeps every offset in the verifier's 64 KiB */
+enum { BATCH_MORE = 0, BATCH_DEADLINE, BATCH_LIMIT, BATCH_DAMAGED };
+BPF_PROG_ARRAY(pcap_next, 1);
+
+static __always_inline int batch_stop(struct __sk_buff *skb, __u32 why)
+{
+    skb->cb[4] = why;
+    return TC_ACT_UNSPEC;
+}
+
+int mermin_pcap(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u32 off = skb->cb[0];
+    struct pcap_rec *r = data + (off & (WINDOW_MAX - 1));
+    if (off >= WINDOW_MAX || (void *)(r + 1) > data_end)
+        return batch_stop(skb, BATCH_MORE);
+    __u32 caplen = r->caplen;
+    if (caplen > REC_MAX_CAPLEN)
+        return batch_stop(skb, BATCH_DAMAGED);
+    __u32 now_slot = OFF_NOW, frac_slot = OFF_FRAC_NS, window_slot = OFF_WINDOW;
+    __u64 *now = offline_clock.lookup(&now_slot);
+    __u64 *frac_ns = offline_clock.lookup(&frac_slot);
+    __u64 *window = offline_clock.lookup(&window_slot);
+    if (!now || !frac_ns || !window)
+        return batch_stop(skb, BATCH_DAMAGED);
+
+    __u64 ts = (__u64)r->sec * 1000000000ULL + (__u64)r->frac * *frac_ns;
+    __u64 deadline = skb->cb[2] | (__u64)skb->cb[3] << 32;
+    if (ts >= deadline) {
+        skb->cb[2] = ts;
+        skb->cb[3] = ts >> 32;
+        return batch_stop(skb, BATCH_DEADLINE);
+    }
+    void *frame = (void *)(r + 1);
+    void *limit = frame + caplen;
+    __u32 used = off + sizeof(*r) + caplen;
+    if (used > skb->len) {
+        /* The record goes on past the window. One longer than any window (a jumbo frame,
+         * a GSO super-packet) runs alone, clipped to it; any other starts the next one. */
+        if (off || sizeof(*r) + caplen <= *window)
+            return batch_stop(skb, BATCH_MORE);
+        limit = data_end;
+    }
+    *now = ts;
+    count(CTR_PACKETS, 1);
+    struct pkt p = {};
+    int ret = parse(&p, frame, data_end, limit, r->len, 0, 1);
+    account(skb, &p, ret, frame, data_end, 1);
+    skb->cb[0] = used;
+    skb->cb[1] += 1;
+    pcap_next.call(skb, 0);
+    return batch_stop(skb, BATCH_LIMIT); /* tail-call limit reached: user space goes on */
+}
+#endif

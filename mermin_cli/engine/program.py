@@ -40,10 +40,14 @@ class FlowProgram:
         started = time.monotonic()
         self.bpf, self.headers = compiled.bpf, compiled.headers
         try:
-            fds = self._load([*layout.PROGRAMS.values(), *([] if offline else ["mermin_clock"])])
+            extra = "mermin_pcap" if offline else "mermin_clock"
+            fds = self._load([*layout.PROGRAMS.values(), extra])
         except Exception as exc:
             raise load_failed(exc) from exc
         self.fds = {k: fds[name] for k, name in layout.PROGRAMS.items()}
+        if offline:  # mermin_pcap runs the next record by a tail call to itself
+            self._pcap_fd = fds["mermin_pcap"]
+            self.bpf[b"pcap_next"][ctypes.c_int(0)] = ctypes.c_int(self._pcap_fd)
         self.load_seconds = compiled.seconds + (time.monotonic() - started)
         bcc = import_bcc()
         self.bpf_lib = bcc.libbcc.lib
@@ -76,12 +80,17 @@ class FlowProgram:
         """The program for both TC hooks of an L2 (Ethernet) or L3 (no link header) device."""
         return self.fds[l3]
 
+    def pcap_fd(self) -> int:
+        """The offline entry point: windows of pcap records (compiled with `offline`)."""
+        return self._pcap_fd
+
+    def counter(self, name: str) -> int:
+        """One kernel counter summed over CPUs."""
+        return int(sum(self._counters[ctypes.c_int(layout.COUNTERS.index(name))]))
+
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs."""
-        totals = dict.fromkeys(layout.COUNTERS, 0)
-        for idx, name in enumerate(layout.COUNTERS):
-            totals[name] = int(sum(self._counters[ctypes.c_int(idx)]))
-        return totals
+        return {name: self.counter(name) for name in layout.COUNTERS}
 
     def close(self) -> None:
         self.bpf.cleanup()
