@@ -72,7 +72,7 @@ def main() -> None:
                 if res.returncode != 0:
                     raise RuntimeError(f"{name} failed ({res.returncode}): {res.stderr[-500:]}")
                 if name.startswith("mermin"):
-                    m = re.search(r"\(([\d.]+) packets/s\)", res.stderr)
+                    m = re.search(r"\(([\d.]+) packets/s", res.stderr)
                     loop_rates.append(float(m.group(1)) if m else float("nan"))
                     flows = len(res.stdout.splitlines())
                     if flows != args.flows:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,6 +14,10 @@ from mermin_cli.engine.hooks import AttachMode
 from mermin_cli.errors import MerminError
 from mermin_cli.logs import setup_logging
 from mermin_cli.output.formats import OutputFormat
+
+if TYPE_CHECKING:
+    from mermin_cli.config.schema import Config
+    from mermin_cli.export.sink import Sink
 
 app = typer.Typer(
     name="mermin",
@@ -91,11 +95,7 @@ def capture(
         output_format = OutputFormat.text
     writer = StreamWriter(sys.stdout, output_format.value) if output_format else None
     if read is not None:
-        from mermin_cli.pipeline.capture import output_sinks
-        from mermin_cli.pipeline.offline import OfflineCapture
-
-        # The same outputs as live capture: the --format writer and the config's exporters.
-        OfflineCapture(cfg, read, output_sinks(cfg, writer)).run()
+        _read(cfg, read, writer)
         return
     from mermin_cli.engine.compiler import import_bcc, load_in_background
     from mermin_cli.engine.privileges import require_capture_privileges
@@ -112,6 +112,31 @@ def capture(
     options = CaptureOptions(duration=duration, attach_mode=attach.value)
     reload = lambda: load_config(config, overrides=overrides)  # noqa: E731
     Capture(cfg, writer, options, reload=reload, program=program).run()
+
+
+def _read(cfg: Config, path: str, writer: Sink | None) -> None:
+    """`capture --read`: file errors first, then the compile, overlapped with the imports."""
+    from mermin_cli.engine.compiler import import_bcc, load_in_background
+    from mermin_cli.engine.privileges import require_read_privileges
+    from mermin_cli.pipeline.pcapfile import CaptureFile
+
+    capture_file = CaptureFile(path)
+    try:
+        require_read_privileges()
+        import_bcc()
+        flow_capture = cfg.pipeline.flow_capture
+        program = load_in_background(
+            flow_capture.flow_stats_capacity, flow_capture.flow_events_capacity, offline=True
+        )
+        from mermin_cli.export.otlp import output_sinks
+        from mermin_cli.pipeline.offline import OfflineCapture
+
+        # The same outputs as live capture: the --format writer and the config's exporters.
+        sinks = output_sinks(cfg, writer)
+    except BaseException:
+        capture_file.close()
+        raise
+    OfflineCapture(cfg, capture_file, sinks, program).run()
 
 
 @app.command()

@@ -91,17 +91,19 @@ def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compil
     return Compiled(bpf, headers, time.monotonic() - started)
 
 
-def load_in_background(max_flows: int, event_capacity: int) -> Future[FlowProgram]:
-    """Compile and load the live flow program in a thread. The LLVM compile runs in libbcc
+def load_in_background(
+    max_flows: int, event_capacity: int, offline: bool = False
+) -> Future[FlowProgram]:
+    """Compile and load the flow program in a thread. The LLVM compile runs in libbcc
     with the GIL released, so the caller's imports and set-up proceed meanwhile."""
     future: Future[FlowProgram] = Future()
 
     def load() -> None:
         try:
-            compiled = compile_flow_c(max_flows, event_capacity, offline=False)
+            compiled = compile_flow_c(max_flows, event_capacity, offline)
             from mermin_cli.engine.program import FlowProgram  # numpy: after the compile began
 
-            future.set_result(FlowProgram(max_flows, event_capacity, compiled=compiled))
+            future.set_result(FlowProgram(max_flows, event_capacity, offline, compiled))
         except BaseException as exc:  # handed to whoever waits for the program
             future.set_exception(exc)
 

@@ -37,6 +37,17 @@ def missing_capabilities(caps: int | None = None) -> list[str]:
     return missing
 
 
+def require_read_privileges() -> None:
+    """`capture --read`: fail before compiling when the kernel would refuse the program."""
+    missing = missing_capabilities()
+    if missing:
+        raise MerminError(
+            f"Reading a capture file runs it through the eBPF flow program, and loading that "
+            f"needs {', '.join(missing)} (no interface is touched); run it as root "
+            "(sudo mermin capture --read ...)."
+        )
+
+
 def require_capture_privileges() -> None:
     """Fail early, before compiling anything, when the kernel would refuse us."""
     missing = missing_capabilities()

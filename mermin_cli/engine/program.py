@@ -40,11 +40,11 @@ class FlowProgram:
         started = time.monotonic()
         self.bpf, self.headers = compiled.bpf, compiled.headers
         try:
-            extra = "mermin_pcap" if offline else "mermin_clock"
-            fds = self._load([*layout.PROGRAMS.values(), extra])
+            names = ["mermin_pcap"] if offline else [*layout.PROGRAMS.values(), "mermin_clock"]
+            fds = self._load(names)
         except Exception as exc:
             raise load_failed(exc) from exc
-        self.fds = {k: fds[name] for k, name in layout.PROGRAMS.items()}
+        self.fds = {k: fds[name] for k, name in layout.PROGRAMS.items() if name in fds}
         if offline:  # mermin_pcap runs the next record by a tail call to itself
             self._pcap_fd = fds["mermin_pcap"]
             self.bpf[b"pcap_next"][ctypes.c_int(0)] = ctypes.c_int(self._pcap_fd)
@@ -77,7 +77,8 @@ class FlowProgram:
             return dict(zip(names, fds, strict=True))
 
     def prog_fd(self, l3: bool) -> int:
-        """The program for both TC hooks of an L2 (Ethernet) or L3 (no link header) device."""
+        """The program for both TC hooks of an L2 (Ethernet) or L3 (no link header) device
+        (live only: an offline program has just `pcap_fd`)."""
         return self.fds[l3]
 
     def pcap_fd(self) -> int:

@@ -18,10 +18,10 @@ import time
 
 from opentelemetry.sdk.resources import Resource
 
-from mermin_cli.config.schema import OtlpExport, TracesExportConfig
+from mermin_cli.config.schema import Config, OtlpExport, TracesExportConfig
 from mermin_cli.errors import MerminError
 from mermin_cli.export.sink import QueueSink, Sink
-from mermin_cli.export.spans import encode_spans, to_span
+from mermin_cli.export.spans import build_resource, encode_spans, to_span
 from mermin_cli.export.stdout import StdoutSink
 from mermin_cli.export.transport import ExportError, Transport, describe, make_transport
 from mermin_cli.flows.record import KIND_INTERNAL, FlowRecord
@@ -153,6 +153,19 @@ def build_sinks(traces: TracesExportConfig, resource: Resource) -> list[Sink]:
     if traces.otlp is not None:
         sinks.append(OtlpSink(traces.otlp, resource))
     return sinks
+
+
+def output_sinks(config: Config, writer: Sink | None) -> list[Sink]:
+    """The --format writer and the exporters of `export "traces"`, started. An explicit
+    --format replaces the config's stdout exporter (one stream, one format)."""
+    configured = build_sinks(config.export.traces, build_resource())
+    if writer is None:
+        return configured
+    for sink in configured:
+        if isinstance(sink, StdoutSink):
+            log.info("--format replaces the stdout exporter of the config")
+            sink.close()
+    return [writer, *(s for s in configured if not isinstance(s, StdoutSink))]
 
 
 def check_collector(config: OtlpExport, resource: Resource) -> str:

@@ -21,10 +21,8 @@ from mermin_cli.engine.privileges import require_capture_privileges
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError
 from mermin_cli.export.hostnames import HostnameResolver
-from mermin_cli.export.otlp import build_sinks
+from mermin_cli.export.otlp import output_sinks
 from mermin_cli.export.sink import Sink
-from mermin_cli.export.spans import build_resource
-from mermin_cli.export.stdout import StdoutSink
 from mermin_cli.flows.filters import FlowFilter, KernelFilter
 from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
@@ -67,19 +65,6 @@ def _handle_signals(stop: threading.Event, hup: threading.Event) -> Iterator[Non
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def output_sinks(config: Config, writer: Sink | None) -> list[Sink]:
-    """The --format writer and the exporters of `export "traces"`, started. An explicit
-    --format replaces the config's stdout exporter (one stream, one format)."""
-    configured = build_sinks(config.export.traces, build_resource())
-    if writer is None:
-        return configured
-    for sink in configured:
-        if isinstance(sink, StdoutSink):
-            log.info("--format replaces the stdout exporter of the config")
-            sink.close()
-    return [writer, *(s for s in configured if not isinstance(s, StdoutSink))]
 
 
 class Capture:

@@ -29,6 +29,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -36,7 +37,7 @@ from typing import NamedTuple
 from mermin_cli.config.schema import Config
 from mermin_cli.engine import bpfsys
 from mermin_cli.engine.compiler import import_bcc
-from mermin_cli.engine.privileges import missing_capabilities
+from mermin_cli.engine.privileges import require_read_privileges
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError
 from mermin_cli.export.sink import Sink
@@ -47,11 +48,11 @@ from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
 from mermin_cli.pipeline.pcapfile import (
     LINK_NAMES,
+    CaptureFile,
     Damaged,
     LibpcapSource,
     Stager,
     Stream,
-    classic_header,
 )
 
 log = logging.getLogger("mermin.offline")
@@ -199,47 +200,42 @@ class OfflineCapture:
     """One `--read` run: load the program, feed the file through it, emit the records."""
 
     def __init__(
-        self, config: Config, path: str, sinks: list[Sink], progress: bool | None = None
+        self,
+        config: Config,
+        capture: CaptureFile,
+        sinks: list[Sink],
+        program: Future[FlowProgram] | None = None,
+        progress: bool | None = None,
     ) -> None:
+        """`program`: one already being loaded for this config (see load_in_background).
+        The capture file and the sinks are closed when `run` ends."""
         self.config = config
-        self.path = path
+        self.capture = capture
         self.sinks = sinks
+        self.program = program
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.stats = OfflineStats()
 
     def run(self) -> OfflineStats:
         """Read the whole file; raises MerminError (after emitting what was read) if the
         file is damaged. The sinks are closed (exporters drain) on every path."""
-        source: LibpcapSource | None = None
         try:
-            stream = Stream(self.path)
-        except BaseException:
-            self._close_sinks()
-            raise
-        try:
-            try:
-                head = stream.read_header()
-            except Damaged as exc:
-                raise MerminError(
-                    f"{stream.label} is truncated or damaged ({exc}); 0 packets were read."
-                ) from exc
-            if classic_header(head) is None:
-                source = LibpcapSource(stream, head)
-            _require_privileges()
-            import_bcc()
             capacity = self.config.pipeline.flow_capture.flow_stats_capacity
-            program = FlowProgram(capacity, offline=True)
+            if self.program is not None:
+                program = self.program.result()
+            else:
+                require_read_privileges()
+                import_bcc()
+                program = FlowProgram(capacity, offline=True)
             try:
-                self._run(stream, head, source, program, capacity)
+                self._run(program, capacity)
             except BrokenPipeError:
                 # The reader went away (`| head`): stop quietly.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             finally:
                 program.close()
         finally:
-            if source is not None:
-                source.close()
-            stream.close()
+            self.capture.close()
             self._close_sinks()
         return self.stats
 
@@ -247,14 +243,8 @@ class OfflineCapture:
         for sink in self.sinks:
             sink.close()
 
-    def _run(
-        self,
-        stream: Stream,
-        head: bytes,
-        source: LibpcapSource | None,
-        program: FlowProgram,
-        capacity: int,
-    ) -> None:
+    def _run(self, program: FlowProgram, capacity: int) -> None:
+        stream, source, classic = self.capture.stream, self.capture.source, self.capture.classic
         KernelFilter.from_config(self.config.filter).load(program.bpf)
         clock = RecordingClock()
         tracker = FlowTracker(
@@ -266,7 +256,6 @@ class OfflineCapture:
             clock=clock,
         )
         runner = _Runner(program)
-        classic = classic_header(head)
         runner.slots[OFF_FRAC_NS] = classic.frac_ns if classic else 1  # staged records: ns
         log.info(
             "reading %s (%s, %s); program loaded in %.2fs",
@@ -456,17 +445,6 @@ class _Feed:
         except Damaged as exc:
             return str(exc)
         return stager.error
-
-
-def _require_privileges() -> None:
-    """Fail before compiling when the kernel would refuse to load the program."""
-    missing = missing_capabilities()
-    if missing:
-        raise MerminError(
-            f"Reading a capture file runs it through the eBPF flow program, and loading that "
-            f"needs {', '.join(missing)} (no interface is touched); run it as root "
-            "(sudo mermin capture --read ...)."
-        )
 
 
 @contextmanager

@@ -142,6 +142,34 @@ def classic_header(head: bytes) -> Classic | None:
     return Classic(1000 if magic == MAGIC_US else 1)
 
 
+class CaptureFile:
+    """An open capture: its bytes, and libpcap's handle unless the kernel walks them as
+    they lie (`classic`). Opening reads the file header, so a missing file, one that is not
+    a capture and an unsupported link type are reported before anything is compiled."""
+
+    def __init__(self, path: str) -> None:
+        self.stream = Stream(path)
+        self.source: LibpcapSource | None = None
+        try:
+            try:
+                head = self.stream.read_header()
+            except Damaged as exc:
+                raise MerminError(
+                    f"{self.stream.label} is truncated or damaged ({exc}); 0 packets were read."
+                ) from exc
+            self.classic = classic_header(head)
+            if self.classic is None:
+                self.source = LibpcapSource(self.stream, head)
+        except BaseException:
+            self.stream.close()
+            raise
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+        self.stream.close()
+
+
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fdopen.restype = ctypes.c_void_p
