@@ -62,6 +62,10 @@ ETH_HLEN = 14  # the least data a test run takes
 PROGRESS_EVERY = 4096  # packets between progress-bar updates
 MAX_PROBE = 4096 - 256  # first window size tried (a page less the smallest skb overhead)
 READ_CHUNK = 1 << 22  # bytes of a classic pcap file read at a time
+# Records larger than this on average are staged (their first bytes, many to a window)
+# rather than run as they lie (a few to a window); a Python loop runs over at most
+# COMPACT_SPAN bytes of them before the choice is made again.
+COMPACT_ABOVE, COMPACT_SPAN = 512, 1 << 18
 # struct __sk_buff as a test run's context: the program's state lives in cb[0..4].
 SKB_CTX_SIZE, SKB_CB = 192, 48
 CB = struct.Struct("=5I")
@@ -343,6 +347,7 @@ class _Feed:
         self.last_ts = -1
         self.since_check = self.packets = self.runs = 0
         self.next_progress = PROGRESS_EVERY
+        self.record_bytes = 0.0  # mean size of the records read lately: picks how to run them
 
     def window(self, addr: int, size: int) -> int:
         """Run the records at `addr`; returns the bytes consumed: less than `size` when the
@@ -400,6 +405,7 @@ class _Feed:
         view, base = memoryview(buf).cast("B"), ctypes.addressof(buf)
         start = end = 0
         eof = False
+        stager = Stager(window, self.window)
         try:
             while True:
                 if not eof and end - start < window:
@@ -412,7 +418,11 @@ class _Feed:
                         eof = not chunk
                 if start == end and eof:
                     return None
-                used = self.window(base + start, min(window, end - start))
+                used = 0
+                if self.record_bytes > COMPACT_ABOVE:
+                    used = self._compact(stager, view, start, end)
+                if not used:
+                    used = self._direct_window(base + start, min(window, end - start))
                 if not used:  # only at the end: the window's first record is not whole
                     return f"the last record is cut short: {end - start} bytes left"
                 start += used
@@ -422,6 +432,23 @@ class _Feed:
                     start = end = 0
         except Damaged as exc:
             return str(exc)
+
+    def _direct_window(self, addr: int, size: int) -> int:
+        """The records as they lie: no Python per record."""
+        packets = self.packets
+        used = self.window(addr, size)
+        self.record_bytes = used / max(self.packets - packets, 1)
+        return used
+
+    def _compact(self, stager: Stager, view: memoryview, start: int, end: int) -> int:
+        """Large records (full-size frames fill a window two or three at a time): their
+        first bytes staged, many to a window. Returns the bytes of `view[start:end]` done,
+        0 if its first record is not whole there (the kernel takes it as it lies)."""
+        pos, records = stager.add_classic(view, start, end, min(end, start + COMPACT_SPAN))
+        stager.finish()
+        if records:
+            self.record_bytes = (pos - start) / records
+        return pos - start
 
     @staticmethod
     def _skip(stream: Stream, count: int) -> bool:
@@ -439,12 +466,7 @@ class _Feed:
         def flush(addr: int, size: int) -> None:
             self.window(addr, size)  # staged records always fit their window
 
-        stager = Stager(source, self.runner.window, flush)
-        try:
-            stager.run()
-        except Damaged as exc:
-            return str(exc)
-        return stager.error
+        return source.stage_all(Stager(self.runner.window, flush, source.dlt))
 
 
 @contextmanager

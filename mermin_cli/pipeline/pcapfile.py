@@ -28,6 +28,10 @@ from mermin_cli.errors import MerminError, UsageError
 
 ETH_HLEN = 14
 RECORD = struct.Struct("=IIII")  # sec, frac, caplen, len: the kernel's struct pcap_rec
+# Bytes of a frame staged: every header bpf/flow.c reads (Ethernet, two VLAN tags, IPv6 with
+# extension headers or IPv4 with options, the transport header) with room to spare.
+STAGED_BYTES = 256
+MAX_CAPLEN = 0x40000  # REC_MAX_CAPLEN in flow.c, and libpcap's limit: longer is damage
 FILE_HEADER = struct.Struct("=IHHiIII")  # magic, version, zone, sigfigs, snaplen, linktype
 MAGIC_US, MAGIC_NS = 0xA1B2C3D4, 0xA1B23C4D
 GZIP_MAGIC = b"\x1f\x8b"
@@ -267,6 +271,22 @@ class LibpcapSource:
         self._feeder.join()
         return self._feeder.error
 
+    def stage_all(self, stager: Stager) -> str | None:
+        """Stage every packet, then run what is left; returns libpcap's error if the file
+        ends early, else None."""
+        next_ex, handle, add = self.lib.pcap_next_ex, self.handle, stager.add
+        hdr_ptr, data_ptr = ctypes.c_void_p(), ctypes.c_void_p()
+        hdr_ref, data_ref = ctypes.byref(hdr_ptr), ctypes.byref(data_ptr)
+        hdr = _PktHdr()
+        hdr_at: int | None = None
+        while (ret := next_ex(handle, hdr_ref, data_ref)) == 1:
+            if hdr_ptr.value != hdr_at:  # libpcap reuses one header struct for a savefile
+                hdr_at = hdr_ptr.value
+                hdr = _PktHdr.from_address(hdr_at or 0)
+            add(hdr.ts.sec, hdr.ts.frac, data_ptr.value, hdr.caplen, hdr.len)
+        stager.finish()
+        return None if ret == PCAP_ERROR_BREAK else self.error()
+
     def close(self) -> None:
         if self.handle:
             self.lib.pcap_close(self.handle)  # closes the FILE and the pipe's read end
@@ -308,61 +328,68 @@ class _Feeder(threading.Thread):
 
 
 class Stager:
-    """Packets from libpcap written as records (ns times) into a window buffer.
-
-    `add()` stages the next packet and returns False at the end of the file; `flush` is
-    called with (address, size) whenever the window is full, and once more at the end.
-    """
+    """Packets written as records into a window buffer: a frame's first STAGED_BYTES at
+    most (every header the kernel reads) and its length on the wire, so a window holds
+    many records whatever the packet size. `flush(address, size)` runs a full window."""
 
     def __init__(
-        self, source: LibpcapSource, window: int, flush: Callable[[int, int], None]
+        self, window: int, flush: Callable[[int, int], None], dlt: int = DLT_EN10MB
     ) -> None:
-        self.source = source
         self.window = window
         self.flush = flush
         self.buf = ctypes.create_string_buffer(window)
         self.base = ctypes.addressof(self.buf)
         self.view = memoryview(self.buf).cast("B")
         self.pos = 0
-        strip = LINK_HEADER.get(source.dlt, ETH_HLEN)
-        self.grow = ETH_HLEN - strip  # frame length - packet length
-        self.rewrite = self._rewriter(source.dlt) if source.dlt != DLT_EN10MB else None
-        self.error: str | None = None  # libpcap's message if the file ends early
+        self.grow = ETH_HLEN - LINK_HEADER.get(dlt, ETH_HLEN)  # frame length - packet length
+        self.rewrite = self._rewriter(dlt) if dlt != DLT_EN10MB else None
+        self.room = min(STAGED_BYTES, window - RECORD.size - self.grow)  # packet bytes kept
 
-    def run(self) -> None:
-        """Stage every packet; the last window is flushed too."""
-        lib, handle = self.source.lib, self.source.handle
-        next_ex, pack, memmove = lib.pcap_next_ex, RECORD.pack_into, ctypes.memmove
-        hdr_ptr, data_ptr = ctypes.c_void_p(), ctypes.c_void_p()
-        hdr_ref, data_ref = ctypes.byref(hdr_ptr), ctypes.byref(data_ptr)
-        hdr = _PktHdr()
-        hdr_at: int | None = None
-        room = self.window - RECORD.size - self.grow  # packet bytes a record can hold
-        buf, base, rewrite, grow, window = self.buf, self.base, self.rewrite, self.grow, self.window
-        pos = 0
-        while True:
-            ret = next_ex(handle, hdr_ref, data_ref)
-            if ret != 1:
-                if ret != PCAP_ERROR_BREAK:
-                    self.error = self.source.error()
+    def add(self, sec: int, frac: int, src: int, caplen: int, wire: int) -> None:
+        """Stage the packet at address `src` (`caplen` bytes captured, `wire` on the wire)."""
+        size = min(caplen, self.room)
+        grow, pos = self.grow, self.pos
+        if pos + RECORD.size + size + grow > self.window:
+            self.flush(self.base, pos)
+            pos = 0
+        frame = pos + RECORD.size
+        if self.rewrite is None:
+            ctypes.memmove(self.base + frame, src, size)
+        else:
+            self.rewrite(frame, src, size)
+        stored = max(size + grow, 0)  # negative: shorter than its own link header
+        RECORD.pack_into(self.buf, pos, sec, frac, stored, max(wire + grow, 0))
+        self.pos = frame + stored
+
+    def add_classic(self, src: memoryview, pos: int, end: int, stop: int) -> tuple[int, int]:
+        """Stage the classic pcap records (Ethernet) lying in `src` from `pos`, while they
+        start before `stop` and end by `end`; returns where it stopped and how many. The
+        same as add() per record, with the copy from memory to memory."""
+        view, buf, base, flush = self.view, self.buf, self.base, self.flush
+        room, window, out, records = self.room, self.window, self.pos, 0
+        unpack, pack, head = RECORD.unpack_from, RECORD.pack_into, RECORD.size
+        while pos + head <= stop:
+            sec, frac, caplen, wire = unpack(src, pos)
+            after = pos + head + caplen
+            if after > end or caplen > MAX_CAPLEN:
                 break
-            if hdr_ptr.value != hdr_at:  # libpcap reuses one header struct for a savefile
-                hdr_at = hdr_ptr.value
-                hdr = _PktHdr.from_address(hdr_at or 0)
-            size = min(hdr.caplen, room)
-            if pos + RECORD.size + size + grow > window:
-                self.flush(base, pos)
-                pos = 0
-            frame = pos + RECORD.size
-            if rewrite is None:
-                memmove(base + frame, data_ptr.value, size)
-            else:
-                rewrite(frame, data_ptr.value, size)
-            stored = max(size + grow, 0)  # negative: shorter than its own link header
-            pack(buf, pos, hdr.ts.sec, hdr.ts.frac, stored, max(hdr.len + grow, 0))
-            pos = frame + stored
-        if pos:
-            self.flush(base, pos)
+            size = caplen if caplen < room else room
+            if out + head + size > window:
+                flush(base, out)
+                out = 0
+            pack(buf, out, sec, frac, size, wire)
+            view[out + head : out + head + size] = src[pos + head : pos + head + size]
+            out += head + size
+            pos = after
+            records += 1
+        self.pos = out
+        return pos, records
+
+    def finish(self) -> None:
+        """Run what is staged."""
+        if self.pos:
+            self.flush(self.base, self.pos)
+            self.pos = 0
 
     def _rewriter(self, dlt: int) -> Callable[[int, int, int], None]:
         """For a non-Ethernet link type: copy a packet to `frame` behind a fake Ethernet
