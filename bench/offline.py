@@ -1,6 +1,6 @@
 """Offline speed: packets/s reading one large generated pcap, mermin vs the peers.
 
-Each tool reads the same file (bench/pcapgen.py: 1M packets over 1000 TCP/UDP flows) and a
+Each tool reads the same file (bench/pcapgen.py: 5M packets over 1000 TCP/UDP flows) and a
 fifth of it, in turn, round-robin, `--runs` times. The big file's median wall time gives
 packets/s with start-up included (mermin compiles its eBPF program first, about 1.5 s);
 the extra packets of the big file over its extra time give packets/s once started, for
@@ -50,7 +50,7 @@ def _children_cpu() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--packets", type=int, default=1_000_000)
+    ap.add_argument("--packets", type=int, default=5_000_000)
     ap.add_argument("--flows", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()

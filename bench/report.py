@@ -171,14 +171,6 @@ def offline(lines: list[str]) -> None:
     lines += ["", f"Versions: {versions}.", ""]
 
 
-def break_even(mermin: dict[str, float], peer: dict[str, float]) -> float | None:
-    """Packets from which mermin finishes a file first (start-up + packets / rate)."""
-    gain = 1 / peer["steady_packets_per_s"] - 1 / mermin["steady_packets_per_s"]
-    if gain <= 0:
-        return None
-    return max(0.0, (mermin["startup_s"] - peer["startup_s"]) / gain)
-
-
 def kernel_and_startup(lines: list[str]) -> None:
     kc, st = _load("kernel_cost"), _load("startup")
     if kc:
@@ -232,15 +224,13 @@ def targets(lines: list[str]) -> None:
         mermin = by_tool["mermin"]
         for peer in ("tshark", "argus"):
             other = by_tool[peer]
-            even = break_even(mermin, other)
             rows.append(
                 (
                     f"offline faster than {peer}",
                     f"once started {mermin['steady_packets_per_s']:,.0f} vs "
                     f"{other['steady_packets_per_s']:,.0f} packets/s; wall time for "
                     f"{off['packets']:,} packets {mermin['seconds']:.2f} vs "
-                    f"{other['seconds']:.2f} s"
-                    + (f" (mermin finishes first from {even:,.0f} packets)" if even else ""),
+                    f"{other['seconds']:.2f} s",
                     mermin["steady_packets_per_s"] > other["steady_packets_per_s"],
                 )
             )

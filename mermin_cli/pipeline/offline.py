@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from mermin_cli.config.schema import Config
 from mermin_cli.engine import bpfsys
@@ -69,6 +68,8 @@ COMPACT_ABOVE, COMPACT_SPAN = 512, 1 << 18
 # struct __sk_buff as a test run's context: the program's state lives in cb[0..4].
 SKB_CTX_SIZE, SKB_CB = 192, 48
 CB = struct.Struct("=5I")
+# bpf_attr's data_size_in, data_size_out and data_in, written at once per run.
+ATTR_DATA, ATTR_DATA_AT = struct.Struct("=IIQ"), 8
 # offline_clock slots (enum OFF_* in flow.c) and why mermin_pcap stopped (enum BATCH_*).
 OFF_NOW, OFF_FRAC_NS, OFF_WINDOW = 0, 1, 2
 BATCH_MORE, BATCH_DEADLINE, BATCH_LIMIT, BATCH_DAMAGED = 0, 1, 2, 3
@@ -124,20 +125,6 @@ class RecordingClock:
         return 0
 
 
-class Batch(NamedTuple):
-    """What one run of `mermin_pcap` did: skb->cb on the way out."""
-
-    consumed: int  # bytes of the window
-    records: int
-    stop_lo: int  # time of the record it stopped before (BATCH_DEADLINE), low word
-    stop_hi: int
-    why: int  # BATCH_*
-
-    @property
-    def stop_ts(self) -> int:
-        return self.stop_lo | self.stop_hi << 32
-
-
 class _Runner:
     """BPF_PROG_TEST_RUN of `mermin_pcap` with prebuilt attributes; the `offline_clock`
     map's memory (mmapable: read and set without a syscall)."""
@@ -168,17 +155,18 @@ class _Runner:
         self.window = self._probe_window()
         self.slots[OFF_WINDOW] = self.window
 
-    def run(self, addr: int, size: int, deadline: int) -> Batch:
-        """Run the records at `addr` (at least ETH_HLEN bytes) up to packet time `deadline`."""
-        attr = self.attr
-        attr.data_in = addr
-        attr.data_size_in = size
-        attr.data_size_out = 0  # the kernel writes it back; non-zero would cap the next run
+    def run(self, addr: int, size: int, deadline: int) -> tuple[int, int, int, int, int]:
+        """Run the records at `addr` (at least ETH_HLEN bytes) up to packet time `deadline`.
+        Returns skb->cb as the program left it: bytes consumed, records run, the time of
+        the record it stopped before (low and high word) and why it stopped (BATCH_*).
+        Called once per window: three C calls, nothing allocated but the tuple."""
+        # data_size_out is written back by the kernel; left non-zero it would cap the next run
+        ATTR_DATA.pack_into(self.attr, ATTR_DATA_AT, size, 0, addr)
         CB.pack_into(self.ctx, SKB_CB, 0, 0, deadline & 0xFFFFFFFF, deadline >> 32, 0)
         if self.syscall(self.nr, bpfsys.BPF_PROG_TEST_RUN, self.attr_addr, self.attr_size) < 0:
             err = ctypes.get_errno()
             raise MerminError(f"The kernel refused to run the flow program ({os.strerror(err)}).")
-        return Batch(*CB.unpack_from(self.ctx, SKB_CB))
+        return CB.unpack_from(self.ctx, SKB_CB)  # type: ignore[return-value]
 
     def _probe_window(self) -> int:
         """Largest window a test run accepts (a page less the skb's head and tail room).
@@ -274,7 +262,7 @@ class OfflineCapture:
             started = time.perf_counter()
             failure = feed.staged(source) if source else feed.direct(stream)
             self.stats = OfflineStats(feed.packets, feed.runs, time.perf_counter() - started)
-            clock.now = max(feed.last_ts, 0)
+            clock.now = feed.last_ts
         self._emit(tracker.poll())  # timeouts that ran out by the last packet
         self._emit(tracker.flush())
         self._summary(program, tracker, stream)
@@ -344,7 +332,6 @@ class _Feed:
         self.flows_at_poll = 0
         self.position: Callable[[], int] = lambda: 0
         self.next_poll = 0  # packet time of the next poll; 0: before the first packet
-        self.last_ts = -1
         self.since_check = self.packets = self.runs = 0
         self.next_progress = PROGRESS_EVERY
         self.record_bytes = 0.0  # mean size of the records read lately: picks how to run them
@@ -352,28 +339,36 @@ class _Feed:
     def window(self, addr: int, size: int) -> int:
         """Run the records at `addr`; returns the bytes consumed: less than `size` when the
         last record goes on past the window, more when it was longer than any window."""
-        done = 0
+        run, done = self.runner.run, 0
         while size - done >= ETH_HLEN:
-            batch = self.runner.run(addr + done, size - done, self.next_poll)
+            consumed, records, stop_lo, stop_hi, why = run(addr + done, size - done, self.next_poll)
             self.runs += 1
-            done += batch.consumed
-            if batch.records:
-                self._ran(batch.records)
-            if batch.why == BATCH_DEADLINE:  # poll before the record at batch.stop_ts
-                if self.last_ts >= 0:
-                    self.next_poll = self._poll_through(self.next_poll, batch.stop_ts)
+            done += consumed
+            if records:
+                self.packets += records
+                self.since_check += records
+                if self.since_check >= self.burst or self.packets >= self.next_progress:
+                    self._checkpoint()
+            if why == BATCH_DEADLINE:  # poll before the record at this time
+                stop_ts = stop_lo | stop_hi << 32
+                if self.packets:
+                    self.next_poll = self._poll_through(self.next_poll, stop_ts)
                 else:
-                    self.next_poll = batch.stop_ts + self.interval
-            elif batch.why == BATCH_DAMAGED:
+                    self.next_poll = stop_ts + self.interval
+            elif why == BATCH_DAMAGED:
                 raise Damaged("a record claims more than 256 KiB of data")
-            elif batch.why == BATCH_MORE:
+            elif why == BATCH_MORE:
                 break
         return done
 
-    def _ran(self, records: int) -> None:
-        self.packets += records
-        self.since_check += records
-        self.last_ts = self.runner.slots[OFF_NOW]
+    @property
+    def last_ts(self) -> int:
+        """Time of the latest record run (0 before any)."""
+        return self.runner.slots[OFF_NOW] if self.packets else 0
+
+    def _checkpoint(self) -> None:
+        """Every `burst` packets: poll if that many flows were created since the last poll
+        (so evictions keep up); every PROGRESS_EVERY packets: the progress bar."""
         if self.since_check >= self.burst:
             self.since_check = 0
             flows = self.new_flows()
@@ -412,10 +407,9 @@ class _Feed:
                     view[: end - start] = view[start:end]
                     start, end = 0, end - start
                     while end < window and not eof:
-                        chunk = stream.read1(len(buf) - end)
-                        view[end : end + len(chunk)] = chunk
-                        end += len(chunk)
-                        eof = not chunk
+                        count = stream.readinto(view[end:])
+                        end += count
+                        eof = not count
                 if start == end and eof:
                     return None
                 used = 0

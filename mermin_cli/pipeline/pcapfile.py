@@ -113,6 +113,17 @@ class Stream:
         self._consumed += len(chunk)
         return chunk
 
+    def readinto(self, view: memoryview) -> int:
+        """Fill `view` as far as one read goes; 0 at the end. A plain file is read straight
+        into it (no intermediate bytes object)."""
+        if self.compressed:
+            chunk = self.read1(len(view))
+            view[: len(chunk)] = chunk
+            return len(chunk)
+        count = self.raw.readinto1(view)  # at most one read: a pipe hands on what it has
+        self._consumed += count
+        return count
+
     def read_header(self) -> bytes:
         """The first bytes, enough for a pcap file header (fewer if the input is shorter)."""
         head = b""
