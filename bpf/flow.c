@@ -13,7 +13,7 @@
  *
  * Compile-time parameters (set by the loader with -D):
  *   MAX_FLOWS        capacity of the flow table
- *   OFFLINE_CLOCK    times come from the `offline_clock` map (pcap input)
+ *   OFFLINE_CLOCK    pcap input: times come from the `offline` map (see mermin_pcap)
  *   EVENT_PAGES      size of the new-flow ring buffer in pages (a power of two)
  */
 /* Only self-contained uapi headers: BCC compiles this file on every start, and e.g.
@@ -63,15 +63,24 @@
  * the precise clock (ns). */
 #if defined(OFFLINE_CLOCK)
 /* Offline input (pcap records through BPF_PROG_TEST_RUN, see mermin_pcap): the time of
- * the record being run (ns), so every time is the recording's, and two settings of the
- * file that user space writes (the map is mmapable: no syscall) before the first run. */
-enum { OFF_NOW = 0, OFF_FRAC_NS, OFF_WINDOW, OFF_SLOTS };
-BPF_F_TABLE("array", __u32, __u64, offline_clock, OFF_SLOTS, BPF_F_MMAPABLE);
+ * the record being run (ns), so every time is the recording's, and the batch's settings
+ * and results. One mmapable value: user space reads and writes it without a syscall. */
+struct offline_state {
+    __u64 now;      /* time of the record being run (ns) */
+    __u64 frac_ns;  /* in: ns per unit of a record's second fraction (1000 or 1) */
+    __u64 window;   /* in: the largest window a test run takes */
+    __u64 deadline; /* in: stop before a record this late (ns) */
+    __u64 stop_ts;  /* out: the time of that record (BATCH_DEADLINE) */
+    __u64 consumed; /* out: bytes of the window consumed */
+    __u64 records;  /* out: records run */
+    __u64 why;      /* out: BATCH_* */
+};
+BPF_F_TABLE("array", __u32, struct offline_state, offline, 1, BPF_F_MMAPABLE);
 static __always_inline __u64 offline_now(void)
 {
-    __u32 slot = OFF_NOW;
-    __u64 *t = offline_clock.lookup(&slot);
-    return t ? *t : 0;
+    __u32 zero = 0;
+    struct offline_state *st = offline.lookup(&zero);
+    return st ? st->now : 0;
 }
 #define table_time() offline_now()
 #define precise_ns() offline_now()
@@ -756,16 +765,13 @@ int mermin_l3(struct __sk_buff *skb) { return handle(skb, 0); }
  * window of records (as they lie in the file, or staged by it from pcapng and other link
  * types); each invocation runs one record through the same parse() and account() as a
  * live packet, then tail-calls this program for the next: one syscall per window (up to
- * 34 records, the kernel's tail-call limit) instead of one per packet.
- *
- * skb->cb in:  [0] 0, [1] 0, [2..3] deadline (ns): stop before a record this late, so user
- *              space polls the table first as a live poller would have, [4] 0.
- * skb->cb out: [0] bytes of the window consumed, [1] records run, [2..3] the time of the
- *              record it stopped before (BATCH_DEADLINE), [4] why it stopped.
+ * 34 records, the kernel's tail-call limit) instead of one per packet. The position and
+ * count travel in skb->cb (zero in a test run without a context: passing one costs more
+ * than the program's own work here); settings and results in the `offline` map.
  */
 struct pcap_rec {
     __u32 sec;
-    __u32 frac;   /* microseconds or nanoseconds: offline_clock[OFF_FRAC_NS] ns each */
+    __u32 frac;   /* microseconds or nanoseconds: offline_state.frac_ns ns each */
     __u32 caplen; /* bytes of the frame that follow */
     __u32 len;    /* the frame's length on the wire */
 };
@@ -774,36 +780,35 @@ struct pcap_rec {
 enum { BATCH_MORE = 0, BATCH_DEADLINE, BATCH_LIMIT, BATCH_DAMAGED };
 BPF_PROG_ARRAY(pcap_next, 1);
 
-static __always_inline int batch_stop(struct __sk_buff *skb, __u32 why)
+static __always_inline int batch_stop(struct __sk_buff *skb, struct offline_state *st,
+                                      __u64 why)
 {
-    skb->cb[4] = why;
+    st->consumed = skb->cb[0];
+    st->records = skb->cb[1];
+    st->why = why;
     return TC_ACT_UNSPEC;
 }
 
 int mermin_pcap(struct __sk_buff *skb)
 {
+    __u32 zero = 0;
+    struct offline_state *st = offline.lookup(&zero);
+    if (!st)
+        return TC_ACT_UNSPEC; /* cannot happen: an array's element always exists */
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     __u32 off = skb->cb[0];
     struct pcap_rec *r = data + (off & (WINDOW_MAX - 1));
     if (off >= WINDOW_MAX || (void *)(r + 1) > data_end)
-        return batch_stop(skb, BATCH_MORE);
+        return batch_stop(skb, st, BATCH_MORE);
     __u32 caplen = r->caplen;
     if (caplen > REC_MAX_CAPLEN)
-        return batch_stop(skb, BATCH_DAMAGED);
-    __u32 now_slot = OFF_NOW, frac_slot = OFF_FRAC_NS, window_slot = OFF_WINDOW;
-    __u64 *now = offline_clock.lookup(&now_slot);
-    __u64 *frac_ns = offline_clock.lookup(&frac_slot);
-    __u64 *window = offline_clock.lookup(&window_slot);
-    if (!now || !frac_ns || !window)
-        return batch_stop(skb, BATCH_DAMAGED);
+        return batch_stop(skb, st, BATCH_DAMAGED);
 
-    __u64 ts = (__u64)r->sec * 1000000000ULL + (__u64)r->frac * *frac_ns;
-    __u64 deadline = skb->cb[2] | (__u64)skb->cb[3] << 32;
-    if (ts >= deadline) {
-        skb->cb[2] = ts;
-        skb->cb[3] = ts >> 32;
-        return batch_stop(skb, BATCH_DEADLINE);
+    __u64 ts = (__u64)r->sec * 1000000000ULL + (__u64)r->frac * st->frac_ns;
+    if (ts >= st->deadline) {
+        st->stop_ts = ts;
+        return batch_stop(skb, st, BATCH_DEADLINE);
     }
     void *frame = (void *)(r + 1);
     void *limit = frame + caplen;
@@ -811,11 +816,11 @@ int mermin_pcap(struct __sk_buff *skb)
     if (used > skb->len) {
         /* The record goes on past the window. One longer than any window (a jumbo frame,
          * a GSO super-packet) runs alone, clipped to it; any other starts the next one. */
-        if (off || sizeof(*r) + caplen <= *window)
-            return batch_stop(skb, BATCH_MORE);
+        if (off || sizeof(*r) + caplen <= st->window)
+            return batch_stop(skb, st, BATCH_MORE);
         limit = data_end;
     }
-    *now = ts;
+    st->now = ts;
     count(CTR_PACKETS, 1);
     struct pkt p = {};
     int ret = parse(&p, frame, data_end, limit, r->len, 0, 1);
@@ -823,6 +828,7 @@ int mermin_pcap(struct __sk_buff *skb)
     skb->cb[0] = used;
     skb->cb[1] += 1;
     pcap_next.call(skb, 0);
-    return batch_stop(skb, BATCH_LIMIT); /* tail-call limit reached: user space goes on */
+    /* tail-call limit reached: user space goes on */
+    return batch_stop(skb, st, BATCH_LIMIT);
 }
 #endif

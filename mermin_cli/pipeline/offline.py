@@ -65,13 +65,13 @@ READ_CHUNK = 1 << 22  # bytes of a classic pcap file read at a time
 # rather than run as they lie (a few to a window); a Python loop runs over at most
 # COMPACT_SPAN bytes of them before the choice is made again.
 COMPACT_ABOVE, COMPACT_SPAN = 512, 1 << 18
-# struct __sk_buff as a test run's context: the program's state lives in cb[0..4].
-SKB_CTX_SIZE, SKB_CB = 192, 48
-CB = struct.Struct("=5I")
 # bpf_attr's data_size_in, data_size_out and data_in, written at once per run.
 ATTR_DATA, ATTR_DATA_AT = struct.Struct("=IIQ"), 8
-# offline_clock slots (enum OFF_* in flow.c) and why mermin_pcap stopped (enum BATCH_*).
-OFF_NOW, OFF_FRAC_NS, OFF_WINDOW = 0, 1, 2
+# struct offline_state in flow.c (the `offline` map's value, mmapped): fields by index, the
+# deadline written and the results read per run; why mermin_pcap stopped (enum BATCH_*).
+OFF_NOW, OFF_FRAC_NS, OFF_WINDOW, OFF_FIELDS = 0, 1, 2, 8
+DEADLINE, DEADLINE_AT = struct.Struct("=Q"), 24
+RESULT, RESULT_AT = struct.Struct("=QQQQ"), 32  # stop_ts, consumed, records, why
 BATCH_MORE, BATCH_DEADLINE, BATCH_LIMIT, BATCH_DAMAGED = 0, 1, 2, 3
 
 
@@ -126,8 +126,9 @@ class RecordingClock:
 
 
 class _Runner:
-    """BPF_PROG_TEST_RUN of `mermin_pcap` with prebuilt attributes; the `offline_clock`
-    map's memory (mmapable: read and set without a syscall)."""
+    """BPF_PROG_TEST_RUN of `mermin_pcap` with prebuilt attributes and no context (one
+    costs ~2 us a run here); the `offline` map's value in memory (mmapable: settings and
+    results without a syscall)."""
 
     def __init__(self, program: FlowProgram) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -135,38 +136,31 @@ class _Runner:
         self.syscall.restype = ctypes.c_long
         self.syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
         self.nr = bpfsys.syscall_number()
-        self.ctx = ctypes.create_string_buffer(SKB_CTX_SIZE)  # in and out
-        ctx = ctypes.addressof(self.ctx)
-        self.attr = _TestRunAttr(
-            prog_fd=program.pcap_fd(), repeat=1, ctx_in=ctx, ctx_out=ctx,
-            ctx_size_in=SKB_CTX_SIZE, ctx_size_out=SKB_CTX_SIZE,
-        )  # fmt: skip
+        self.attr = _TestRunAttr(prog_fd=program.pcap_fd(), repeat=1)
         self.attr_addr = ctypes.addressof(self.attr)
         self.attr_size = ctypes.sizeof(self.attr)
         try:
-            self._clock_mem = mmap.mmap(
-                program.bpf[b"offline_clock"].map_fd, mmap.PAGESIZE, mmap.MAP_SHARED
-            )
+            self.state = mmap.mmap(program.bpf[b"offline"].map_fd, mmap.PAGESIZE, mmap.MAP_SHARED)
         except OSError as exc:
             raise MerminError(
-                f"Mapping the offline clock failed ({exc.strerror}); mermin needs Linux 5.8+."
+                f"Mapping the offline state failed ({exc.strerror}); mermin needs Linux 5.8+."
             ) from exc
-        self.slots = (ctypes.c_uint64 * 3).from_buffer(self._clock_mem)
+        self.slots = (ctypes.c_uint64 * OFF_FIELDS).from_buffer(self.state)
         self.window = self._probe_window()
         self.slots[OFF_WINDOW] = self.window
 
-    def run(self, addr: int, size: int, deadline: int) -> tuple[int, int, int, int, int]:
+    def run(self, addr: int, size: int, deadline: int) -> tuple[int, int, int, int]:
         """Run the records at `addr` (at least ETH_HLEN bytes) up to packet time `deadline`.
-        Returns skb->cb as the program left it: bytes consumed, records run, the time of
-        the record it stopped before (low and high word) and why it stopped (BATCH_*).
-        Called once per window: three C calls, nothing allocated but the tuple."""
+        Returns the time of the record it stopped before (BATCH_DEADLINE), the bytes
+        consumed, the records run and why it stopped (BATCH_*). Called once per window:
+        three C calls, nothing allocated but the tuple."""
         # data_size_out is written back by the kernel; left non-zero it would cap the next run
         ATTR_DATA.pack_into(self.attr, ATTR_DATA_AT, size, 0, addr)
-        CB.pack_into(self.ctx, SKB_CB, 0, 0, deadline & 0xFFFFFFFF, deadline >> 32, 0)
+        DEADLINE.pack_into(self.state, DEADLINE_AT, deadline)
         if self.syscall(self.nr, bpfsys.BPF_PROG_TEST_RUN, self.attr_addr, self.attr_size) < 0:
             err = ctypes.get_errno()
             raise MerminError(f"The kernel refused to run the flow program ({os.strerror(err)}).")
-        return CB.unpack_from(self.ctx, SKB_CB)  # type: ignore[return-value]
+        return RESULT.unpack_from(self.state, RESULT_AT)  # type: ignore[return-value]
 
     def _probe_window(self) -> int:
         """Largest window a test run accepts (a page less the skb's head and tail room).
@@ -176,10 +170,10 @@ class _Runner:
         buf = ctypes.create_string_buffer(MAX_PROBE)
         attr = self.attr
         attr.data_in = ctypes.addressof(buf)
+        DEADLINE.pack_into(self.state, DEADLINE_AT, 0)
         for size in range(MAX_PROBE, 1024, -64):
             attr.data_size_in = size
             attr.data_size_out = 0
-            CB.pack_into(self.ctx, SKB_CB, 0, 0, 0, 0, 0)
             if self.syscall(self.nr, bpfsys.BPF_PROG_TEST_RUN, self.attr_addr, self.attr_size) >= 0:
                 return size
             if ctypes.get_errno() != errno.EINVAL:
@@ -341,7 +335,7 @@ class _Feed:
         last record goes on past the window, more when it was longer than any window."""
         run, done = self.runner.run, 0
         while size - done >= ETH_HLEN:
-            consumed, records, stop_lo, stop_hi, why = run(addr + done, size - done, self.next_poll)
+            stop_ts, consumed, records, why = run(addr + done, size - done, self.next_poll)
             self.runs += 1
             done += consumed
             if records:
@@ -350,7 +344,6 @@ class _Feed:
                 if self.since_check >= self.burst or self.packets >= self.next_progress:
                     self._checkpoint()
             if why == BATCH_DEADLINE:  # poll before the record at this time
-                stop_ts = stop_lo | stop_hi << 32
                 if self.packets:
                     self.next_poll = self._poll_through(self.next_poll, stop_ts)
                 else:
