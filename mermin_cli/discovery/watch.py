@@ -26,9 +26,13 @@ class LinkWatcher(threading.Thread):
         super().__init__(name="mermin-links", daemon=True)
         self.on_change = on_change
         self._done = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the select at once
         self._ipr = IPRoute()
-        self._ipr.bind(groups=RTMGRP_LINK)
+        try:
+            self._ipr.bind(groups=RTMGRP_LINK)
+        except BaseException:
+            self._ipr.close()
+            raise
+        self._wake_r, self._wake_w = os.pipe()  # stop() wakes the select at once
 
     def run(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""`mermin capture --read FILE`: recorded packets through the same kernel program as live.
+"""`mermin capture --read FILE`: recorded packets through the same kernel code as live.
 
 The records of a pcap or pcapng file (gzip-compressed or not, or `-` for stdin) run
 through `mermin_pcap` in bpf/flow.c with BPF_PROG_TEST_RUN: a window of classic pcap
@@ -8,9 +8,10 @@ capture. The program is compiled with OFFLINE_CLOCK: every kernel time is the re
 timestamp (unix ns), so the tracker's clock is packet time and needs no wall-clock
 offset. The tracker is polled at every `flow_store_poll_interval` of packet time (a run
 stops before the first record past the next poll, so polls fall where a live poller's
-would) and after every tenth of the table's capacity in packets, so evictions keep up as
-they do live; at end of input it is polled once more, then active flows are flushed as
-`forced_end`. Python's cost is per window of records (up to 34), not per packet.
+would) and whenever a tenth of the table's capacity in flows was created since the last
+poll, so evictions keep up as they do live; at end of input it is polled once more, then
+active flows are flushed as `forced_end`. Python's cost is per window of records (up to
+34), not per packet.
 
 The records run on the loopback device of the current network namespace (the kernel's
 choice for test runs); records name the capture file as their interface
@@ -65,7 +66,9 @@ READ_CHUNK = 1 << 22  # bytes of a classic pcap file read at a time
 # rather than run as they lie (a few to a window); a Python loop runs over at most
 # COMPACT_SPAN bytes of them before the choice is made again.
 COMPACT_ABOVE, COMPACT_SPAN = 512, 1 << 18
-# bpf_attr's data_size_in, data_size_out and data_in, written at once per run.
+# `union bpf_attr` for BPF_PROG_TEST_RUN (80 bytes): prog_fd and repeat set once; its
+# data_size_in, data_size_out and data_in written at once per run.
+ATTR_SIZE, ATTR_REPEAT, U32 = 80, 32, struct.Struct("=I")
 ATTR_DATA, ATTR_DATA_AT = struct.Struct("=IIQ"), 8
 # struct offline_state in flow.c (the `offline` map's value, mmapped): fields by index, the
 # deadline written and the results read per run; why mermin_pcap stopped (enum BATCH_*).
@@ -73,29 +76,6 @@ OFF_NOW, OFF_FRAC_NS, OFF_WINDOW, OFF_FIELDS = 0, 1, 2, 8
 DEADLINE, DEADLINE_AT = struct.Struct("=Q"), 24
 RESULT, RESULT_AT = struct.Struct("=QQQQ"), 32  # stop_ts, consumed, records, why
 BATCH_MORE, BATCH_DEADLINE, BATCH_LIMIT, BATCH_DAMAGED = 0, 1, 2, 3
-
-
-class _TestRunAttr(ctypes.Structure):
-    """`union bpf_attr` as BPF_PROG_TEST_RUN reads it (80 bytes, unused fields zero)."""
-
-    _fields_ = (
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-    )
 
 
 @dataclass
@@ -136,9 +116,10 @@ class _Runner:
         self.syscall.restype = ctypes.c_long
         self.syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
         self.nr = bpfsys.syscall_number()
-        self.attr = _TestRunAttr(prog_fd=program.pcap_fd(), repeat=1)
-        self.attr_addr = ctypes.addressof(self.attr)
-        self.attr_size = ctypes.sizeof(self.attr)
+        self.attr = ctypes.create_string_buffer(ATTR_SIZE)
+        U32.pack_into(self.attr, 0, program.pcap_fd())
+        U32.pack_into(self.attr, ATTR_REPEAT, 1)
+        self.attr_addr, self.attr_size = ctypes.addressof(self.attr), ATTR_SIZE
         try:
             self.state = mmap.mmap(program.bpf[b"offline"].map_fd, mmap.PAGESIZE, mmap.MAP_SHARED)
         except OSError as exc:
@@ -168,12 +149,9 @@ class _Runner:
         Probed downwards with a record of time 0 and a deadline of 0: the program stops
         before it, so the probe counts nothing."""
         buf = ctypes.create_string_buffer(MAX_PROBE)
-        attr = self.attr
-        attr.data_in = ctypes.addressof(buf)
         DEADLINE.pack_into(self.state, DEADLINE_AT, 0)
         for size in range(MAX_PROBE, 1024, -64):
-            attr.data_size_in = size
-            attr.data_size_out = 0
+            ATTR_DATA.pack_into(self.attr, ATTR_DATA_AT, size, 0, ctypes.addressof(buf))
             if self.syscall(self.nr, bpfsys.BPF_PROG_TEST_RUN, self.attr_addr, self.attr_size) >= 0:
                 return size
             if ctypes.get_errno() != errno.EINVAL:
