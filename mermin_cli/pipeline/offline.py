@@ -427,11 +427,7 @@ class _Feed:
     def staged(self, source: LibpcapSource) -> str | None:
         """Packets libpcap reads, staged into windows; returns libpcap's error if the
         file ended early, or None."""
-
-        def flush(addr: int, size: int) -> None:
-            self.window(addr, size)  # staged records always fit their window
-
-        return source.stage_all(Stager(self.runner.window, flush, source.dlt))
+        return source.stage_all(Stager(self.runner.window, self.window, source.dlt))
 
 
 @contextmanager

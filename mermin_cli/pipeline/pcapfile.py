@@ -344,7 +344,7 @@ class Stager:
     many records whatever the packet size. `flush(address, size)` runs a full window."""
 
     def __init__(
-        self, window: int, flush: Callable[[int, int], None], dlt: int = DLT_EN10MB
+        self, window: int, flush: Callable[[int, int], object], dlt: int = DLT_EN10MB
     ) -> None:
         self.window = window
         self.flush = flush
