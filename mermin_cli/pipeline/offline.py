@@ -36,8 +36,6 @@ from dataclasses import dataclass
 
 from mermin_cli.config.schema import Config
 from mermin_cli.engine import bpfsys
-from mermin_cli.engine.compiler import import_bcc
-from mermin_cli.engine.privileges import require_read_privileges
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.errors import MerminError
 from mermin_cli.export.sink import Sink
@@ -168,10 +166,10 @@ class OfflineCapture:
         config: Config,
         capture: CaptureFile,
         sinks: list[Sink],
-        program: Future[FlowProgram] | None = None,
+        program: Future[FlowProgram],
         progress: bool | None = None,
     ) -> None:
-        """`program`: one already being loaded for this config (see load_in_background).
+        """`program`: the offline program being loaded (load_in_background, offline=True).
         The capture file and the sinks are closed when `run` ends."""
         self.config = config
         self.capture = capture
@@ -185,12 +183,7 @@ class OfflineCapture:
         file is damaged. The sinks are closed (exporters drain) on every path."""
         try:
             capacity = self.config.pipeline.flow_capture.flow_stats_capacity
-            if self.program is not None:
-                program = self.program.result()
-            else:
-                require_read_privileges()
-                import_bcc()
-                program = FlowProgram(capacity, offline=True)
+            program = self.program.result()
             try:
                 self._run(program, capacity)
             except BrokenPipeError:
