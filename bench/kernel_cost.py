@@ -6,14 +6,20 @@ time per run of each test-run call, and the median of `--runs` calls is kept.
 
 * Hit path (a packet of a flow already in the table): `--repeat` runs per call.
 * First packet of a new flow (lookup miss + insert + new-flow event): repeating one frame
-  would insert only once, so flow.c is compiled a second time with a bench-only entry
-  point that runs the same `handle()` and then bumps the frame's IPv4 source address:
-  every run of a call inserts a new flow. A call is `--chunk` runs from its own /16, and
-  the new-flow ring buffer is drained between calls as the capture does, so every event
-  is delivered (a full ring would make events cheap failures); each sample is the median
-  of `--chunks` calls, the table emptied before them. The bump itself is timed alone and
-  subtracted. The same wrapper bumping the IP ID instead (every run a hit) must
-  reproduce the hit row: that row checks the method.
+  would insert only once, so flow.c is compiled again with a bench-only entry point that
+  runs the same `handle()` and then bumps the frame's IPv4 source address: every run of a
+  call inserts a new flow. A sample fills the table to half its capacity in `--chunks`
+  calls, each from its own /16, after emptying it; the new-flow ring buffer is drained
+  between calls as the capture does, so every event is delivered (a full ring would make
+  events cheap failures). The bump itself is timed alone and subtracted. The same wrapper
+  bumping the IP ID instead (every run a hit) must reproduce the hit row: that row checks
+  the method.
+* The cost of a new flow is mostly cache misses in the kernel's hash table (bucket array,
+  element), so it grows with the table: it is measured at the default capacity
+  (pipeline.flow_capture.flow_stats_capacity, judged against the target) and at 4x it.
+* Hit spread over the table: the same calls run again on the half-full table, so every run
+  is a hit on another flow (cold lines, as with many busy flows). No target: for reading
+  the hit row, which always hits one warm flow.
 * Compile + load time of `FlowProgram` (median of `--loads`).
 
 Prints a markdown table and writes JSON to bench/results/kernel_cost.json. Set
@@ -39,8 +45,9 @@ from typing import Any
 
 import dpkt
 
+from mermin_cli.config.schema import FlowCaptureConfig
 from mermin_cli.engine import bpfsys
-from mermin_cli.engine.compiler import bpf_source, import_bcc
+from mermin_cli.engine.compiler import bpf_source, event_pages, import_bcc
 from mermin_cli.engine.program import FlowProgram
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_cost.json"
@@ -60,6 +67,7 @@ int bench_hit_write(struct __sk_buff *skb) { handle(skb, 1); bench_bump(skb, 18)
 int bench_write_only(struct __sk_buff *skb) { bench_bump(skb, 28); return -1; }
 """
 HIT_TARGET, NEW_FLOW_TARGET = 3.0, 15.0
+DEFAULT_CAPACITY = FlowCaptureConfig().flow_stats_capacity
 NEW_FLOW_CHUNK_BYTE = 27  # second byte of the IPv4 source address of an untagged frame
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q = 0x0800, 0x86DD, 0x8100
@@ -135,78 +143,112 @@ def load_times(count: int, max_flows: int) -> list[float]:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run every measurement; returns the JSON document."""
-    loads = load_times(args.loads, args.max_flows)
+    loads = load_times(args.loads, args.capacity)
     bcc = import_bcc()
     source = bpf_source()
     frames = hit_frames()
     tcp = frames["ipv4_tcp"]
+    capacities = (args.capacity, 4 * args.capacity)
     with contextlib.ExitStack() as cleanup:
-        prog = FlowProgram(args.max_flows)
+        prog = FlowProgram(args.capacity)
         cleanup.callback(prog.close)
-        cflags = [f"-DMAX_FLOWS={args.max_flows}"]
-        bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
-        cleanup.callback(bench.cleanup)
         empty_bpf = bcc.BPF(text=EMPTY_PROGRAM)
         cleanup.callback(empty_bpf.cleanup)
-
-        flow_fd = prog.prog_fd(l3=False)
-        fds = {
-            name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
-            for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
-        }
         empty_fd = empty_bpf.load_func(b"empty", bcc.BPF.SCHED_CLS).fd
+        flow_fd = prog.prog_fd(l3=False)
+        benches: dict[int, tuple[Any, dict[str, int]]] = {}
+        for capacity in capacities:
+            per_call = capacity // 2 // args.chunks
+            cflags = [f"-DMAX_FLOWS={capacity}", f"-DEVENT_PAGES={event_pages(2 * per_call)}"]
+            bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
+            cleanup.callback(bench.cleanup)
+            bench["flow_events"].open_ring_buffer(lambda _ctx, _data, _size: 0)
+            fds = {
+                name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
+                for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
+            }
+            benches[capacity] = (bench, fds)
         for frame in frames.values():
             run_ns(flow_fd, frame, 1)  # create the flows: later runs are hits
+        fds = benches[args.capacity][1]
         run_ns(fds["bench_hit_write"], tcp, 1)
 
-        bench["flow_events"].open_ring_buffer(lambda _ctx, _data, _size: 0)
-
-        def new_flows() -> float:
-            bench["flows"].clear()
+        def half_fill(capacity: int, empty_first: bool) -> float:
+            """Median ns of the calls that fill half the table (new flows when it was
+            emptied first, else hits on the flows the last fill left)."""
+            bench, fds = benches[capacity]
+            if empty_first:
+                bench["flows"].clear()
             bench.ring_buffer_consume()
-            chunks = []
+            calls = []
             for i in range(args.chunks):
                 frame = bytearray(tcp)
                 frame[NEW_FLOW_CHUNK_BYTE] = i  # a /16 of its own: every run a new flow
-                chunks.append(run_ns(fds["bench_new_flow"], bytes(frame), args.chunk))
+                calls.append(
+                    run_ns(fds["bench_new_flow"], bytes(frame), capacity // 2 // args.chunks)
+                )
                 bench.ring_buffer_consume()
-            return statistics.median(chunks)
+            return statistics.median(calls)
 
         empty = lambda: run_ns(empty_fd, tcp, args.repeat)  # noqa: E731
+
+        def session(timed: dict[str, Callable[[], float]]) -> dict[str, list[tuple[float, float]]]:
+            """`--runs` rounds of every kind, each sample paired with an empty-program run
+            just before it: the VM's speed drifts, and a ratio of neighbours cancels most
+            of the drift."""
+            pairs: dict[str, list[tuple[float, float]]] = {kind: [] for kind in timed}
+            for _ in range(args.runs):
+                for kind, run in timed.items():
+                    pairs[kind].append((empty(), run()))
+            return pairs
+
         timed: dict[str, Callable[[], float]] = {}
         for kind, frame in frames.items():
             timed[kind] = lambda frame=frame: run_ns(flow_fd, frame, args.repeat)
         timed["hit_write"] = lambda: run_ns(fds["bench_hit_write"], tcp, args.repeat)
-        timed["write_only"] = lambda: run_ns(fds["bench_write_only"], tcp, args.repeat)
-        timed["new_flow_write"] = new_flows  # last: the bench table then holds its flows only
-        # Each sample is paired with an empty-program run just before it: the VM's speed
-        # drifts (steal time), and a ratio of neighbours cancels most of the drift.
-        samples: dict[str, list[tuple[float, float]]] = {kind: [] for kind in timed}
-        for _ in range(args.runs):
-            for kind, run in timed.items():
-                samples[kind].append((empty(), run()))
-        inserted = len(bench["flows"])
+        samples: dict[str, list[tuple[float, float]]] = {}
+        # One table at a time, as in a capture: filling the other table between samples
+        # would evict this one's lines from the caches.
+        for capacity in capacities:
+            timed[f"write_only {capacity}"] = lambda: run_ns(
+                fds["bench_write_only"], tcp, args.repeat
+            )
+            # each fill right before the spread hits that use it
+            timed[f"new {capacity}"] = lambda c=capacity: half_fill(c, empty_first=True)
+            timed[f"spread {capacity}"] = lambda c=capacity: half_fill(c, empty_first=False)
+            samples |= session(timed)
+            timed = {}
+        for capacity, (bench, _) in benches.items():
+            inserted, expected = len(bench["flows"]), capacity // 2 // args.chunks * args.chunks
+            if inserted != expected:
+                raise RuntimeError(f"{inserted} of {expected} bench runs inserted a flow")
 
-    if inserted != args.chunks * args.chunk:
-        raise RuntimeError(f"{inserted} of {args.chunks * args.chunk} bench runs inserted a flow")
-    write = [ns for _, ns in samples["write_only"]]
+    def unbumped(kind: str, capacity: int) -> list[tuple[float, float]]:
+        """(empty, ns) pairs of a bench wrapper, its address bump (timed alone in the same
+        session) subtracted."""
+        write = [ns for _, ns in samples[f"write_only {capacity}"]]
+        return [(e, ns - w + e) for (e, ns), w in zip(samples[kind], write, strict=True)]
+
     per_run: dict[str, list[tuple[float, float]]] = {kind: samples[kind] for kind in frames}
-    per_run["ipv4_tcp (method check)"] = [
-        (e, ns - w + e) for (e, ns), w in zip(samples["hit_write"], write, strict=True)
-    ]
-    per_run["new_flow"] = [
-        (e, ns - w + e) for (e, ns), w in zip(samples["new_flow_write"], write, strict=True)
-    ]
+    per_run["ipv4_tcp (method check)"] = unbumped("hit_write", args.capacity)
+    targets: dict[str, float | None] = {kind: HIT_TARGET for kind in frames}
+    for capacity in capacities:
+        flows = capacity // 2 // args.chunks * args.chunks
+        new = f"new_flow (table of {capacity:,})"
+        per_run[new] = unbumped(f"new {capacity}", capacity)
+        targets[new] = NEW_FLOW_TARGET if capacity == args.capacity else None
+        per_run[f"hit spread over {flows:,} flows (table of {capacity:,})"] = unbumped(
+            f"spread {capacity}", capacity
+        )
     empties = [e for pairs in samples.values() for e, _ in pairs]
     rows = [{"kind": "empty", "ns": statistics.median(empties), "ratio": 1.0, "target": None}]
     for kind, pairs in per_run.items():
-        target = HIT_TARGET if kind in frames else None
         rows.append(
             {
                 "kind": kind,
                 "ns": statistics.median(ns for _, ns in pairs),
                 "ratio": statistics.median(ns / e for e, ns in pairs),
-                "target": NEW_FLOW_TARGET if kind == "new_flow" else target,
+                "target": targets.get(kind),
             }
         )
     return {
@@ -218,7 +260,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
         "repeat": args.repeat,
         "runs": args.runs,
-        "new_flows": {"chunk": args.chunk, "chunks": args.chunks},
+        "capacity": args.capacity,
+        "new_flows": {"chunks": args.chunks, "fill": 0.5},
         "rows": rows,
         "samples": samples,
         "load_seconds": {"median": statistics.median(loads), "samples": loads},
@@ -250,16 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=200_000, help="runs per test-run call")
     parser.add_argument("--runs", type=int, default=15, help="calls per hit-path kind")
-    parser.add_argument("--chunk", type=int, default=500, help="new flows per test-run call")
-    parser.add_argument("--chunks", type=int, default=30, help="new-flow calls per sample")
+    parser.add_argument("--chunks", type=int, default=30, help="test-run calls per table fill")
     parser.add_argument("--loads", type=int, default=5, help="compile + load cycles")
-    parser.add_argument("--max-flows", type=int, default=65_536, help="flow table capacity")
+    parser.add_argument(
+        "--capacity", type=int, default=DEFAULT_CAPACITY,
+        help="flow table capacity (default: the product's); new flows are also measured at 4x",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the JSON")
     args = parser.parse_args(argv)
-    if not (0 < args.chunk <= 4096 and 0 < args.chunks <= 255):
-        parser.error("--chunk must be in 1..4096 and --chunks in 1..255")
-    if args.chunk * args.chunks >= args.max_flows:
-        parser.error("--chunk x --chunks must be below --max-flows")
+    if not 0 < args.chunks <= 255:
+        parser.error("--chunks must be in 1..255 (each call takes a /16 of its own)")
+    if not 0 < args.capacity // 2 // args.chunks <= 4096 // 4:
+        parser.error("--capacity / 2 / --chunks must be in 1..1024 flows per call")
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: stable caches
     doc = measure(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,20 @@
-"""Throughput overhead: iperf3 TCP and UDP over a veth pair with an empty eBPF program
-on the hooks, mermin, softflowd and pmacctd on the same veth, and the CPU each tool used.
+"""Throughput overhead: iperf3 TCP and UDP over veth pairs with an empty eBPF program
+on the hooks, mermin, softflowd and pmacctd, the CPU each tool used, and what mermin's
+program costs per packet in the real path.
 
-One run = every condition x protocol in turn (round-robin), each tool's iperf3 run right
-after a no-capture run of the same protocol; the throughput lost is that pair's, and
-`--runs` runs give medians (pairs cancel the drift of a shared VM's speed). The tool
-watches veth0 in namespace a (the iperf3 client's side). "empty eBPF hooks" is a
-two-instruction pass-through program at TCX ingress and egress (bench/empty_hooks.py):
-what any TC-hook tool pays before doing anything.
+Throughput lost. This VM's speed drifts by a third from one run of a few seconds to the
+next (the same TCP run gives 8 to 18 Gbit/s), so a run with a tool compared with a run
+without it says nothing about a 5 % cost. Instead two identical veth pairs each carry an
+iperf3 stream, started together, both clients on CPU 0 and both servers on CPU 1: the
+streams share the same CPUs at the same moments and see the same drift. The tool watches
+one pair; the stream it watches needs more CPU per byte and gets fewer bytes through, and
+the ratio of the two rates is the cost. Each run watches pair 1, then pair 2, and the
+geometric mean of the two ratios cancels any difference between the pairs:
+lost = 1 - sqrt(watched1/other1 x watched2/other2). "no capture" runs the same procedure
+with nothing attached (the method's own noise); "empty eBPF hooks" is a two-instruction
+pass-through program at TCX ingress and egress (bench/empty_hooks.py): what any TC-hook
+tool pays before doing anything. A tool's own process runs beside both streams and slows
+both alike, so it shows in the CPU measurement, not here.
 
 CPU is the whole machine's: the run time of all its tasks (see busy_seconds) during an
 iperf3 run at a fixed load well below saturation (TCP at `--tcp-rate`; UDP in 64-byte
@@ -17,17 +25,25 @@ context: mermin's eBPF programs, and the AF_PACKET copies of every packet that f
 softflowd's and pmacctd's libpcap. At a fixed rate that work shows as busy time, where at
 full speed it only shows as lost throughput.
 
+Live cost per packet: mermin and the empty program attached together to one veth, the
+kernel's run-time statistics on (BPF_ENABLE_STATS) for one iperf3 run per protocol: ns per
+program run as the kernel measures it in the real path, where caches are colder than in
+bench/kernel_cost.py's BPF_PROG_TEST_RUN loop.
+
     sudo .venv/bin/python bench/throughput.py [--runs N] [--seconds S]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -45,12 +61,17 @@ from common import (
     softflowd_argv,
 )
 
+from mermin_cli.engine import bpfsys
+
 PROTOCOLS = ("tcp", "udp")
 EMPTY_HOOKS = Path(__file__).resolve().parent / "empty_hooks.py"
+NO_CAPTURE = "no capture"
+LIVE_PROGRAMS = {"mermin": "mermin_l2", "empty eBPF hooks": "bench_empty"}
 
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct/cpuacct.usage")
 CpuLoad = dict[str, tuple[str, int]]  # protocol -> (iperf3 -b, UDP datagram bytes)
+Tool = Callable[[netns.Host], AbstractContextManager[Any]]
 
 
 def busy_seconds() -> float:
@@ -65,18 +86,23 @@ def busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / CLK_TCK
 
 
-def tools(host: netns.Host, tmp: Path) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
-    """Each condition: a context manager that runs the tool on host's veth (or nothing)."""
-    conf = pmacctd_config(tmp / "pmacct.conf", host.ifname, tmp / "pmacct.csv")
+def tools(tmp: Path) -> dict[str, Tool]:
+    """Each condition: a context manager that runs the tool on a host's veth (or nothing)."""
+
+    def pmacctd(host: netns.Host) -> AbstractContextManager[Any]:
+        conf = pmacctd_config(tmp / f"{host.ifname}.conf", host.ifname, tmp / "pmacct.csv")
+        return running(host, ["pmacctd", "-f", str(conf)])
+
     return {
-        "empty eBPF hooks": lambda: running(
+        NO_CAPTURE: lambda host: contextlib.nullcontext(),
+        "empty eBPF hooks": lambda host: running(
             host, [sys.executable, str(EMPTY_HOOKS), host.ifname], ready="attached"
         ),
-        "mermin": lambda: running(
+        "mermin": lambda host: running(
             host, [MERMIN, "capture", "-i", host.ifname, "-o", "json"], ready="capturing on"
         ),
-        "softflowd": lambda: running(host, softflowd_argv(host.ifname), cwd=tmp),
-        "pmacctd": lambda: running(host, ["pmacctd", "-f", str(conf)]),
+        "softflowd": lambda host: running(host, softflowd_argv(host.ifname), cwd=tmp),
+        "pmacctd": pmacctd,
     }
 
 
@@ -88,18 +114,82 @@ def busy_pct(client: netns.Host, server: netns.Host, proto: str, seconds: float,
     return 100 * (busy_seconds() - before) / (time.monotonic() - started)
 
 
-def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float,
-          rate: str = "0", length: int = 1400) -> float:  # fmt: skip
-    """Receiver-side Gbit/s of one iperf3 run (`rate` 0: as fast as it goes; `length`:
-    UDP datagram size)."""
+def iperf_argv(server: netns.Host, proto: str, seconds: float, rate: str = "0",
+               length: int = 1400) -> list[str]:  # fmt: skip
+    """iperf3 client at `rate` (0: as fast as it goes), UDP in `length`-byte datagrams."""
     # Client on CPU 0, server on CPU 1: less run-to-run noise on a small machine.
     argv = ["iperf3", "-c", server.ip4, "-t", str(seconds), "-J", "-A", "0,1", "-b", rate]
-    if proto == "udp":
-        argv += ["-u", "-l", str(length)]
-    out = json.loads(client.run(*argv, timeout=seconds + 30).stdout)
-    end = out["end"]
-    summary = end.get("sum_received") or end["sum"]
-    return float(summary["bits_per_second"]) / 1e9
+    return argv + (["-u", "-l", str(length)] if proto == "udp" else [])
+
+
+def received_gbps(report: str) -> float:
+    """Receiver-side Gbit/s of an iperf3 -J report."""
+    end = json.loads(report)["end"]
+    return float((end.get("sum_received") or end["sum"])["bits_per_second"]) / 1e9
+
+
+def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float,
+          rate: str = "0", length: int = 1400) -> float:  # fmt: skip
+    """Receiver-side Gbit/s of one iperf3 run."""
+    argv = iperf_argv(server, proto, seconds, rate, length)
+    return received_gbps(client.run(*argv, timeout=seconds + 30).stdout)
+
+
+def side_by_side(links: tuple[netns.Link, netns.Link], proto: str, seconds: float) -> list[float]:
+    """Receiver-side Gbit/s of one iperf3 stream per link, all started together."""
+    clients = [
+        link.a.popen(*iperf_argv(link.b, proto, seconds), stdout=-1, stderr=-1) for link in links
+    ]
+    rates = []
+    for proc in clients:
+        out, err = proc.communicate(timeout=seconds + 30)
+        if proc.returncode:
+            raise RuntimeError(f"iperf3 failed: {err.strip()}")
+        rates.append(received_gbps(out))
+    return rates
+
+
+@contextlib.contextmanager
+def run_time_stats() -> Iterator[Callable[[], dict[str, tuple[int, int]]]]:
+    """Kernel run-time statistics on for the block; yields a reader of (ns, runs) per
+    program of LIVE_PROGRAMS (summed over the hooks)."""
+    fd = bpfsys.enable_run_time_stats()
+
+    def read() -> dict[str, tuple[int, int]]:
+        totals = {name: (0, 0) for name in LIVE_PROGRAMS}
+        for kernel_id in bpfsys.prog_ids():
+            with contextlib.suppress(OSError):  # unloaded meanwhile
+                for tool, name in LIVE_PROGRAMS.items():
+                    if bpfsys.prog_name(kernel_id) == name:
+                        ns, runs = bpfsys.prog_run_time(kernel_id)
+                        totals[tool] = (totals[tool][0] + ns, totals[tool][1] + runs)
+        return totals
+
+    try:
+        yield read
+    finally:
+        os.close(fd)
+
+
+def live_cost(link: netns.Link, conditions: dict[str, Tool], seconds: float) -> dict[str, Any]:
+    """ns per run of mermin's program and of the empty one, side by side on one veth."""
+    out: dict[str, Any] = {}
+    with (
+        conditions["mermin"](link.a),
+        conditions["empty eBPF hooks"](link.a),
+        run_time_stats() as read,
+    ):
+        for proto in PROTOCOLS:
+            before = read()
+            iperf(link.a, link.b, proto, seconds)
+            after = read()
+            out[proto] = {
+                tool: {"runs": after[tool][1] - before[tool][1],
+                       "ns": (after[tool][0] - before[tool][0])
+                       / max(1, after[tool][1] - before[tool][1])}
+                for tool in LIVE_PROGRAMS
+            }  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -117,28 +207,33 @@ def main() -> None:
     cpu: dict[tuple[str, str], list[float]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="mermin-bench-") as d,
-        netns.temp_link("bench-tput") as link,
+        netns.temp_link("bench-tput1") as one,
+        netns.temp_link("bench-tput2") as two,
+        running(one.b, ["iperf3", "-s"], settle=0.5),
+        running(two.b, ["iperf3", "-s"], settle=0.5),
     ):
-        a, b = link.a, link.b
-        conditions = tools(a, Path(d))
-        with running(b, ["iperf3", "-s"], settle=0.5):
-            for proto in PROTOCOLS:  # warm-up, not recorded: the first runs are slow
-                iperf(a, b, proto, args.seconds)
-            for _ in range(args.runs):
-                for name, make in conditions.items():
-                    # A no-capture run right before each tool's run: the VM's speed drifts,
-                    # and the loss of each pair cancels most of the drift.
-                    base = {proto: iperf(a, b, proto, args.seconds) for proto in PROTOCOLS}
-                    idle = {p: busy_pct(a, b, p, args.cpu_seconds, load) for p in PROTOCOLS}
-                    with make():
+        links = (one, two)
+        conditions = tools(Path(d))
+        for proto in PROTOCOLS:  # warm-up, not recorded: the first runs are slow
+            side_by_side(links, proto, args.seconds)
+        for _ in range(args.runs):
+            for name, make in conditions.items():
+                # CPU: a no-capture run right before the tool's run of the same load.
+                idle = {p: busy_pct(one.a, one.b, p, args.cpu_seconds, load) for p in PROTOCOLS}
+                ratios: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+                for watched, link in enumerate(links):
+                    with make(link.a):
                         for proto in PROTOCOLS:
-                            rate = iperf(a, b, proto, args.seconds)
-                            used = busy_pct(a, b, proto, args.cpu_seconds, load) - idle[proto]
-                            gbps.setdefault((name, proto), []).append(rate)
-                            loss.setdefault((name, proto), []).append(
-                                100 * (base[proto] - rate) / base[proto]
-                            )
-                            cpu.setdefault((name, proto), []).append(used)
+                            rates = side_by_side(links, proto, args.seconds)
+                            ratios[proto].append(rates[watched] / rates[1 - watched])
+                            gbps.setdefault((name, proto), []).append(rates[watched])
+                            if watched == 0:
+                                used = busy_pct(one.a, one.b, proto, args.cpu_seconds, load)
+                                cpu.setdefault((name, proto), []).append(used - idle[proto])
+                for proto in PROTOCOLS:
+                    kept = math.sqrt(ratios[proto][0] * ratios[proto][1])
+                    loss.setdefault((name, proto), []).append(100 * (1 - kept))
+        live = live_cost(one, conditions, args.seconds)
     rows = [
         {
             "protocol": proto,
@@ -155,14 +250,17 @@ def main() -> None:
     ]
     save("throughput", {"runs": args.runs, "seconds": args.seconds,
                         "cpu_seconds": args.cpu_seconds, "cpu_load": load,
-                        "rows": rows, "machine": machine()})  # fmt: skip
-    print("| protocol | tool | Gbit/s | throughput lost (median of pairs) | CPU added |")
+                        "rows": rows, "live": live, "machine": machine()})  # fmt: skip
+    print("| protocol | tool | Gbit/s | throughput lost (median of runs) | CPU added |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['protocol']} | {r['tool']} | {r['gbit_s']:.2f} | {r['overhead_pct']:+.1f} % "
             f"| {r['cpu_added_pct']:+.1f} % |"
         )
+    for proto, tools_ in live.items():
+        print(proto, ", ".join(f"{t} {v['ns']:.0f} ns/run ({v['runs']:,} runs)"
+                               for t, v in tools_.items()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import MetricsHandler
 
-from mermin_cli.api.server import SHUTDOWN_POLL, HttpServer
+from mermin_cli.api.server import HttpServer
 from mermin_cli.errors import MerminError
 
 
@@ -28,7 +28,7 @@ def test_metrics_served_on_ipv4_and_ipv6_and_closed_promptly(address: str, url_h
         server.close()
         closed_in = time.monotonic() - started
     assert "mermin_test_things_total 3.0" in body
-    assert closed_in < 3 * SHUTDOWN_POLL
+    assert closed_in < 0.05  # woken, not polled
 
 
 def test_address_not_on_this_host_is_one_clear_sentence() -> None:
@@ -38,3 +38,21 @@ def test_address_not_on_this_host_is_one_clear_sentence() -> None:
         "The metrics server cannot listen on 192.0.2.1:0 (that address is not on this host); "
         'set another port in internal "metrics" { port = ... } or disable it with enabled = false.'
     )
+
+
+def _times_run(thread_id: int) -> int:
+    """How many times the kernel has run this thread (third field of its schedstat)."""
+    return int(open(f"/proc/self/task/{thread_id}/schedstat").read().split()[2])
+
+
+def test_idle_server_never_wakes_up() -> None:
+    server = HttpServer("API server", 'internal "server"', "127.0.0.1", 0, MetricsHandler)
+    server.start()
+    try:
+        time.sleep(0.1)  # let it reach its wait
+        assert server.thread.native_id is not None
+        before = _times_run(server.thread.native_id)
+        time.sleep(0.5)  # serve_forever(0.1) would have woken 5 times
+        assert _times_run(server.thread.native_id) == before
+    finally:
+        server.close()

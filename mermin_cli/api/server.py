@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import selectors
 import socket
 import threading
 from collections.abc import Callable
@@ -23,7 +25,6 @@ from mermin_cli.errors import MerminError
 log = logging.getLogger("mermin.api")
 
 Checks = Callable[[], dict[str, bool]]
-SHUTDOWN_POLL = 0.1  # seconds between the API server's checks for a shutdown request
 
 
 class ApiServer:
@@ -94,9 +95,9 @@ class HttpServer:
         except OSError as exc:  # socket.gaierror included
             raise MerminError(_bind_error(what, block, address, port, exc)) from exc
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(  # polls often: close() waits for one poll
-            target=self.httpd.serve_forever, args=(SHUTDOWN_POLL,), name="mermin-http", daemon=True
-        )
+        self.httpd.timeout = 0  # handle_request() never blocks: _serve saw the socket ready
+        self._wake_r, self._wake_w = os.pipe()
+        self.thread = threading.Thread(target=self._serve, name="mermin-http", daemon=True)
 
     @property
     def port(self) -> int:
@@ -105,9 +106,23 @@ class HttpServer:
     def start(self) -> None:
         self.thread.start()
 
+    def _serve(self) -> None:
+        """Accept connections until close(). Waits on the listening socket and a wake-up
+        pipe, so an idle server never runs (socketserver's serve_forever wakes every poll
+        interval to look for a shutdown request)."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.httpd, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while all(key.fd != self._wake_r for key, _ in selector.select()):
+                self.httpd.handle_request()
+
     def close(self) -> None:
-        self.httpd.shutdown()
+        os.write(self._wake_w, b"x")
+        if self.thread.ident is not None:  # started
+            self.thread.join()
         self.httpd.server_close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def _health(checks: dict[str, bool], good: str, bad: str) -> tuple[int, dict[str, Any]]:

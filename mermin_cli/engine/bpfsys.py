@@ -18,10 +18,13 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
@@ -103,14 +106,47 @@ def prog_id(prog_fd: int) -> int:
     return int(struct.unpack_from("I", prog_info(prog_fd), 4)[0])
 
 
-def prog_name(kernel_id: int) -> str:
-    """Name of the loaded program with id `kernel_id` (as truncated by the kernel)."""
+def _info_by_id(kernel_id: int) -> ctypes.Array[ctypes.c_char]:
     fd = _bpf(BPF_PROG_GET_FD_BY_ID, _attr(16, (0, "I", kernel_id)))
     try:
-        name = prog_info(fd).raw[64 : 64 + BPF_OBJ_NAME_LEN]
+        return prog_info(fd)
     finally:
         os.close(fd)
+
+
+def prog_name(kernel_id: int) -> str:
+    """Name of the loaded program with id `kernel_id` (as truncated by the kernel)."""
+    name = _info_by_id(kernel_id).raw[64 : 64 + BPF_OBJ_NAME_LEN]
     return name.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def prog_ids() -> list[int]:
+    """Kernel ids of every loaded eBPF program."""
+    ids, attr = [], _attr(16)
+    while True:
+        try:
+            _bpf(BPF_PROG_GET_NEXT_ID, attr)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return ids
+            raise
+        ids.append(struct.unpack_from("I", attr, 4)[0])
+        struct.pack_into("I", attr, 0, ids[-1])  # next search starts after this one
+
+
+PROG_INFO_RUN_TIME = 192  # offset of run_time_ns (then run_cnt) in struct bpf_prog_info
+
+
+def enable_run_time_stats() -> int:
+    """Make the kernel count every program's runs and run time while the returned fd is
+    open (kernel.bpf_stats_enabled without touching the sysctl; closing it ends them)."""
+    return _bpf(BPF_ENABLE_STATS, _attr(8, (0, "I", BPF_STATS_RUN_TIME)))
+
+
+def prog_run_time(kernel_id: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) the kernel counted for program `kernel_id` so far."""
+    run_time, runs = struct.unpack_from("QQ", _info_by_id(kernel_id), PROG_INFO_RUN_TIME)
+    return int(run_time), int(runs)
 
 
 @dataclass(frozen=True)
