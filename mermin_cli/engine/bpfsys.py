@@ -54,6 +54,17 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return int(ret)
 
 
+def _found(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> bool:
+    """Run a lookup-style command; False when the kernel has no such entry (ENOENT)."""
+    try:
+        _bpf(cmd, attr)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def _attr(size: int, *fields: tuple[int, str, int]) -> ctypes.Array[ctypes.c_char]:
     buf = ctypes.create_string_buffer(size)
     for offset, fmt, value in fields:
@@ -123,15 +134,10 @@ def prog_name(kernel_id: int) -> str:
 def prog_ids() -> list[int]:
     """Kernel ids of every loaded eBPF program."""
     ids, attr = [], _attr(16)
-    while True:
-        try:
-            _bpf(BPF_PROG_GET_NEXT_ID, attr)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return ids
-            raise
+    while _found(BPF_PROG_GET_NEXT_ID, attr):
         ids.append(struct.unpack_from("I", attr, 4)[0])
         struct.pack_into("I", attr, 0, ids[-1])  # next search starts after this one
+    return ids
 
 
 PROG_INFO_RUN_TIME = 192  # offset of run_time_ns (then run_cnt) in struct bpf_prog_info
@@ -215,13 +221,7 @@ def _map_op(
         (8, "Q", ctypes.addressof(key)),
         (16, "Q", ctypes.addressof(value)),
     )
-    try:
-        _bpf(cmd, attr)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise
-    return value.raw
+    return value.raw if _found(cmd, attr) else None
 
 
 BPF_PROG_LOAD = 5
