@@ -20,7 +20,6 @@ SCRIPTS = (
     "throughput.py",
     "accuracy.py",
     "flowrate.py",
-    "pipeline.py",
     "otlp_throughput.py",
     "offline.py",
     "report.py",
