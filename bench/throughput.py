@@ -156,13 +156,14 @@ def run_time_stats() -> Iterator[Callable[[], dict[str, tuple[int, int]]]]:
     fd = bpfsys.enable_run_time_stats()
 
     def read() -> dict[str, tuple[int, int]]:
-        totals = {name: (0, 0) for name in LIVE_PROGRAMS}
+        tools = {name: tool for tool, name in LIVE_PROGRAMS.items()}
+        totals = {tool: (0, 0) for tool in LIVE_PROGRAMS}
         for kernel_id in bpfsys.prog_ids():
             with contextlib.suppress(OSError):  # unloaded meanwhile
-                for tool, name in LIVE_PROGRAMS.items():
-                    if bpfsys.prog_name(kernel_id) == name:
-                        ns, runs = bpfsys.prog_run_time(kernel_id)
-                        totals[tool] = (totals[tool][0] + ns, totals[tool][1] + runs)
+                tool = tools.get(bpfsys.prog_name(kernel_id))
+                if tool is not None:
+                    ns, runs = bpfsys.prog_run_time(kernel_id)
+                    totals[tool] = (totals[tool][0] + ns, totals[tool][1] + runs)
         return totals
 
     try:
@@ -195,7 +196,7 @@ def live_cost(link: netns.Link, conditions: dict[str, Tool], seconds: float) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--seconds", type=float, default=2.0, help="each throughput run")
+    ap.add_argument("--seconds", type=float, default=3.0, help="each throughput run")
     ap.add_argument("--cpu-seconds", type=float, default=5.0, help="each fixed-load CPU run")
     ap.add_argument("--tcp-rate", default="300M", help="iperf3 -b of the TCP CPU runs")
     ap.add_argument("--udp-rate", default="20M", help="iperf3 -b of the UDP CPU runs (64 B)")
