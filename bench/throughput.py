@@ -17,9 +17,12 @@ tool pays before doing anything. A tool's own process runs beside both streams a
 both alike, so it shows in the CPU measurement, not here.
 
 CPU is the whole machine's: the run time of all its tasks (see busy_seconds) during an
-iperf3 run at a fixed load well below saturation (TCP at `--tcp-rate`; UDP in 64-byte
-datagrams at `--udp-rate`, so per-packet work dominates), minus that of the
-no-capture run right before it. Counting the tool's
+iperf3 run at a fixed load well below saturation, minus that of the no-capture run right
+before it. The load is one where per-packet work dominates: UDP in 64-byte datagrams at
+`--udp-rate`; TCP at `--tcp-rate` in 1,448-byte writes with Nagle off, one segment each
+(about 26k packets/s each way at 300 Mbit/s; in 128 KiB writes TCP leaves the sender as
+GSO packets of ~43 KB, under a thousand a second, and every tool's cost is lost in the
+noise). Counting the tool's
 process alone would leave out what each tool makes the kernel do in the senders'
 context: mermin's eBPF programs, and the AF_PACKET copies of every packet that feed
 softflowd's and pmacctd's libpcap. At a fixed rate that work shows as busy time, where at
@@ -70,7 +73,7 @@ LIVE_PROGRAMS = {"mermin": "mermin_l2", "empty eBPF hooks": "bench_empty"}
 
 
 CPUACCT = Path("/sys/fs/cgroup/cpuacct/cpuacct.usage")
-CpuLoad = dict[str, tuple[str, int]]  # protocol -> (iperf3 -b, UDP datagram bytes)
+CpuLoad = dict[str, tuple[str, int]]  # protocol -> (iperf3 -b, bytes per write)
 Tool = Callable[[netns.Host], AbstractContextManager[Any]]
 
 
@@ -115,11 +118,15 @@ def busy_pct(client: netns.Host, server: netns.Host, proto: str, seconds: float,
 
 
 def iperf_argv(server: netns.Host, proto: str, seconds: float, rate: str = "0",
-               length: int = 1400) -> list[str]:  # fmt: skip
-    """iperf3 client at `rate` (0: as fast as it goes), UDP in `length`-byte datagrams."""
+               length: int = 0) -> list[str]:  # fmt: skip
+    """iperf3 client at `rate` (0: as fast as it goes) writing `length` bytes at a time:
+    UDP datagrams of that size (1,400 if 0); TCP writes sent at once (Nagle off), iperf3's
+    128 KiB if 0."""
     # Client on CPU 0, server on CPU 1: less run-to-run noise on a small machine.
     argv = ["iperf3", "-c", server.ip4, "-t", str(seconds), "-J", "-A", "0,1", "-b", rate]
-    return argv + (["-u", "-l", str(length)] if proto == "udp" else [])
+    if proto == "udp":
+        return [*argv, "-u", "-l", str(length or 1400)]
+    return [*argv, "-N", "-l", str(length)] if length else argv
 
 
 def received_gbps(report: str) -> float:
@@ -129,7 +136,7 @@ def received_gbps(report: str) -> float:
 
 
 def iperf(client: netns.Host, server: netns.Host, proto: str, seconds: float,
-          rate: str = "0", length: int = 1400) -> float:  # fmt: skip
+          rate: str = "0", length: int = 0) -> float:  # fmt: skip
     """Receiver-side Gbit/s of one iperf3 run."""
     argv = iperf_argv(server, proto, seconds, rate, length)
     return received_gbps(client.run(*argv, timeout=seconds + 30).stdout)
@@ -199,10 +206,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="each throughput run")
     ap.add_argument("--cpu-seconds", type=float, default=5.0, help="each fixed-load CPU run")
     ap.add_argument("--tcp-rate", default="300M", help="iperf3 -b of the TCP CPU runs")
+    ap.add_argument("--tcp-write", type=int, default=1448,
+                    help="bytes per write of the TCP CPU runs (one segment each)")  # fmt: skip
     ap.add_argument("--udp-rate", default="20M", help="iperf3 -b of the UDP CPU runs (64 B)")
     args = ap.parse_args()
     ensure_tools(["iperf3", "softflowd", "pmacctd"])
-    load: CpuLoad = {"tcp": (args.tcp_rate, 1400), "udp": (args.udp_rate, 64)}
+    load: CpuLoad = {"tcp": (args.tcp_rate, args.tcp_write), "udp": (args.udp_rate, 64)}
     gbps: dict[tuple[str, str], list[float]] = {}
     loss: dict[tuple[str, str], list[float]] = {}
     cpu: dict[tuple[str, str], list[float]] = {}

@@ -31,6 +31,16 @@ def test_metrics_served_on_ipv4_and_ipv6_and_closed_promptly(address: str, url_h
     assert closed_in < 0.05  # woken, not polled
 
 
+def test_close_twice_is_harmless_and_frees_the_port() -> None:
+    server = HttpServer("API server", 'internal "server"', "127.0.0.1", 0, MetricsHandler)
+    server.start()
+    port = server.port
+    server.close()
+    server.close()  # a second close used to write to a closed pipe (OSError)
+    again = HttpServer("API server", 'internal "server"', "127.0.0.1", port, MetricsHandler)
+    again.close()  # never started: closes without waiting for a thread
+
+
 def test_address_not_on_this_host_is_one_clear_sentence() -> None:
     with pytest.raises(MerminError) as err:
         HttpServer("metrics server", 'internal "metrics"', "192.0.2.1", 0, MetricsHandler)

@@ -117,12 +117,16 @@ class HttpServer:
                 self.httpd.handle_request()
 
     def close(self) -> None:
+        """Stop serving and release the port; a second call does nothing."""
+        if self._wake_w < 0:
+            return
         os.write(self._wake_w, b"x")
         if self.thread.ident is not None:  # started
             self.thread.join()
         self.httpd.server_close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
 
 
 def _health(checks: dict[str, bool], good: str, bad: str) -> tuple[int, dict[str, Any]]:
