@@ -20,7 +20,7 @@ CPU is the whole machine's: the run time of all its tasks (see busy_seconds) dur
 iperf3 run at a fixed load well below saturation, minus that of the no-capture run right
 before it. The load is one where per-packet work dominates: UDP in 64-byte datagrams at
 `--udp-rate`; TCP at `--tcp-rate` in 1,448-byte writes with Nagle off, one segment each
-(about 26k packets/s each way at 300 Mbit/s; in 128 KiB writes TCP leaves the sender as
+(about 26k data packets/s at 300 Mbit/s; in 128 KiB writes TCP leaves the sender as
 GSO packets of ~43 KB, under a thousand a second, and every tool's cost is lost in the
 noise). Counting the tool's
 process alone would leave out what each tool makes the kernel do in the senders'
