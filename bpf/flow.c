@@ -159,6 +159,7 @@ enum {
     CTR_FILTERED_FLOWS,  /* flows rejected by the filters (never entered `flows`) */
     CTR_FILTERED_PKTS,   /* packets of those flows */
     CTR_EVENTS_DROPPED,  /* new-flow events lost: ring buffer full */
+    CTR_CACHE_LOST,      /* cached packets whose flow was gone at a flush (a bug if not 0) */
     CTR_MAX,
 };
 
@@ -234,7 +235,7 @@ struct pkt {
     __u8  icmp_code;
     __u8  no_l4;          /* NO_L4_*, 0 when the transport header was parsed */
     __u8  mac[6];         /* source MAC, filled on the miss path only */
-};
+} __attribute__((aligned(8))); /* the key is compared in 8-byte words (flow_cache) */
 
 static __always_inline void count(__u32 idx, __u64 n)
 {
@@ -609,6 +610,147 @@ static __always_inline int rejected(struct pkt *p, __u8 dir, __u32 active)
            port_rejected(active, F_DST_PORT_MATCH, F_DST_PORT_NOT, PORT_DST_MATCH, dport);
 }
 
+#ifndef OFFLINE_CLOCK
+/*
+ * Per-CPU flow cache in front of `flows` (live capture only). On this kind of machine
+ * most of a packet's cost is the hash lookup (the call and return through the
+ * speculation-safe thunks, and the key's hash), so a packet of a flow that is already
+ * counted adds to a small direct-mapped slot of its own CPU instead: no call, no hash,
+ * no atomics. Only plain packets take it; SYN, FIN and RST and the first packet of each
+ * direction still go to the table, so flags that end a flow, handshake times and
+ * first-packet metadata stay exact.
+ *
+ * User space owns the protocol that makes this exact (mermin_cli/engine/cache.py):
+ * before each poll it makes `cache_gen` even, which stops every hit and fill, then runs
+ * mermin_cache_flush on every CPU, which adds the slots' counts into `flows`. Only then
+ * does it read and delete entries, and it makes `cache_gen` odd (and new) again after.
+ * A flush runs in process context, so a TC program on its CPU can interrupt it but never
+ * the other way round, and that program sees the even generation and leaves the slots
+ * alone: no atomics on either side. Slots of an older generation are free for any flow.
+ */
+#define CACHE_SLOTS 256 /* a power of two; 24 KiB per CPU */
+#define CACHE_BYPASS (TCP_SYN | TCP_FIN | TCP_RST)
+
+struct cache_slot {
+    struct flow_key key;
+    __u8  meta_seen;    /* copy of the entry's: directions whose metadata is captured */
+    __u8  tcp_flags[2]; /* [dir] flags to OR into the entry */
+    __u8  pad;
+    __u64 gen;          /* cache_gen when the slot was taken */
+    __u64 packets[2];   /* [dir] counts not yet in the entry */
+    __u64 bytes[2];
+    __u64 last;         /* table_time() of the latest cached packet */
+};
+
+BPF_PERCPU_ARRAY(flow_cache, struct cache_slot, CACHE_SLOTS);
+BPF_ARRAY(cache_gen, __u64, 1); /* odd: cache on; even (0 at load): off */
+
+static __always_inline __u32 cache_index(const __u64 *w)
+{
+    __u64 h = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ *(const __u32 *)&w[5];
+    h ^= h >> 32;
+    h ^= h >> 16;
+    return (h ^ (h >> 8)) & (CACHE_SLOTS - 1);
+}
+
+static __always_inline int key_equal(const __u64 *a, const __u64 *b)
+{
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+           *(const __u32 *)&a[5] == *(const __u32 *)&b[5];
+}
+
+/* This CPU's slot for the key, or NULL when the cache is off; `gen` is then set. */
+static __always_inline struct cache_slot *cache_slot_of(struct flow_key *k, __u64 *gen)
+{
+    __u32 zero = 0;
+    __u64 *g = cache_gen.lookup(&zero);
+    if (!g || !(*g & 1))
+        return NULL;
+    *gen = *g;
+    __u32 i = cache_index((const __u64 *)k);
+    return flow_cache.lookup(&i);
+}
+
+/* Count the packet in its slot if the slot is this flow's and the packet is plain. */
+static __always_inline int cache_hit(struct cache_slot *c, int mine, struct pkt *p, __u8 dir,
+                                     __u64 now)
+{
+    if (!mine || !(c->meta_seen & (1 << dir)) || (p->tcp_flags & CACHE_BYPASS))
+        return 0;
+    if (dir) {
+        c->packets[1] += 1;
+        c->bytes[1] += p->ip_len;
+        c->tcp_flags[1] |= p->tcp_flags;
+    } else {
+        c->packets[0] += 1;
+        c->bytes[0] += p->ip_len;
+        c->tcp_flags[0] |= p->tcp_flags;
+    }
+    c->last = now;
+    return 1;
+}
+
+/* After a table hit: take a slot of an older generation (first come, first served until
+ * the next poll), or refresh our own slot's view of the entry's metadata. */
+static __always_inline void cache_fill(struct cache_slot *c, int mine, struct flow_key *k,
+                                       __u64 gen, struct flow_stats *s)
+{
+    if (!mine) {
+        if (c->gen == gen)
+            return; /* another flow's this generation */
+        __builtin_memcpy(&c->key, k, sizeof(*k));
+        c->gen = gen;
+        c->tcp_flags[0] = 0;
+        c->tcp_flags[1] = 0;
+        c->packets[0] = 0;
+        c->packets[1] = 0;
+        c->bytes[0] = 0;
+        c->bytes[1] = 0;
+    }
+    c->meta_seen = s->meta_seen;
+}
+
+/* Add one slot's pending counts into its entry and clear them. */
+static __always_inline void cache_drain(struct cache_slot *c)
+{
+    __u64 n = c->packets[0] + c->packets[1];
+    if (!n)
+        return;
+    struct flow_stats *s = flows.lookup(&c->key);
+    if (s) {
+        __sync_fetch_and_add(&s->packets[0], c->packets[0]);
+        __sync_fetch_and_add(&s->packets[1], c->packets[1]);
+        __sync_fetch_and_add(&s->bytes[0], c->bytes[0]);
+        __sync_fetch_and_add(&s->bytes[1], c->bytes[1]);
+        s->tcp_flags[0] |= c->tcp_flags[0];
+        s->tcp_flags[1] |= c->tcp_flags[1];
+        if (c->last > s->last_ns)
+            s->last_ns = c->last;
+    } else {
+        count(CTR_CACHE_LOST, n); /* the protocol above makes this impossible */
+    }
+    c->packets[0] = 0;
+    c->packets[1] = 0;
+    c->bytes[0] = 0;
+    c->bytes[1] = 0;
+    c->tcp_flags[0] = 0;
+    c->tcp_flags[1] = 0;
+}
+
+/* Run by user space through BPF_PROG_TEST_RUN on each CPU in turn, with the cache off.
+ * Returns the CPU it ran on, so user space knows which cache it drained. */
+int mermin_cache_flush(struct __sk_buff *skb)
+{
+    for (__u32 i = 0; i < CACHE_SLOTS; i++) {
+        __u32 idx = i;
+        struct cache_slot *c = flow_cache.lookup(&idx);
+        if (c)
+            cache_drain(c);
+    }
+    return bpf_get_smp_processor_id();
+}
+#endif
+
 /* Miss path only: 1 if the flow this packet belongs to is filtered out. */
 static __always_inline int filtered_out(struct pkt *p, __u8 dir)
 {
@@ -712,9 +854,20 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, int re
     __u8 dir = normalize(&p->key);
     __u64 now = table_time();
 
+#ifndef OFFLINE_CLOCK
+    __u64 gen = 0;
+    struct cache_slot *c = cache_slot_of(&p->key, &gen);
+    int mine = c && c->gen == gen && key_equal((const __u64 *)&c->key, (const __u64 *)&p->key);
+    if (c && cache_hit(c, mine, p, dir, now))
+        return;
+#endif
     struct flow_stats *s = flows.lookup(&p->key);
     if (s) {
         update(s, p, dir, now);
+#ifndef OFFLINE_CLOCK
+        if (c)
+            cache_fill(c, mine, &p->key, gen, s);
+#endif
         return;
     }
     if (filtered_out(p, dir))

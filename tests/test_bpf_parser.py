@@ -38,7 +38,7 @@ import dpkt
 import numpy as np
 import pytest
 
-from mermin_cli.engine import bpfsys
+from mermin_cli.engine import bpfsys, cache
 from mermin_cli.engine.layout import COUNTERS, DIR_NONE, FLOW_F_FRAGMENT, HOOK_EGRESS, STATS_DTYPE
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.flows.table import FlowTable
@@ -266,11 +266,19 @@ def run_once(
 
 
 class Kernel:
-    """The loaded program seen by one test: an empty flow table and counters from zero."""
+    """The loaded program seen by one test: an empty flow table and counters from zero.
 
-    def __init__(self, program: FlowProgram) -> None:
+    `cached`: with the per-CPU flow cache on, as in a capture; the table is then read and
+    emptied the way a poll does it (drained first, see engine/cache.py)."""
+
+    def __init__(self, program: FlowProgram, cached: bool = False) -> None:
         self.program = program
         self.table = FlowTable.of(program, CAPACITY)
+        assert program.cache is not None
+        if cached:
+            assert program.cache.enable()
+        else:
+            program.cache.disable()
         self._base: dict[str, int] = {}
         self.clear()
 
@@ -284,7 +292,8 @@ class Kernel:
 
     def flows(self) -> dict[Key, np.void]:
         """Every entry of the flow table by key."""
-        keys, values = self.table.read()
+        with self.table.settled():
+            keys, values = self.table.read()
         found = {}
         for k, v in zip(keys, values, strict=True):
             assert k["pad"] == 0
@@ -318,9 +327,10 @@ class Kernel:
 
     def clear(self) -> None:
         """Empty the flow table and restart the counters from zero."""
-        keys, _ = self.table.read()
-        for k in keys:
-            self.table.take(k)
+        with self.table.settled():
+            keys, _ = self.table.read()
+            for k in keys:
+                self.table.take(k)
         self._base = self.program.counters()
 
 
@@ -346,10 +356,11 @@ def program() -> Iterator[FlowProgram]:
         prog.close()
 
 
-@pytest.fixture
-def kernel(program: FlowProgram) -> Iterator[Kernel]:
-    """The module's program with the table emptied before and after the test."""
-    harness = Kernel(program)
+@pytest.fixture(params=["table", "cached"])
+def kernel(program: FlowProgram, request: pytest.FixtureRequest) -> Iterator[Kernel]:
+    """The module's program with the table emptied before and after the test; every test
+    runs without and with the flow cache, which must not change a single value."""
+    harness = Kernel(program, cached=request.param == "cached")
     try:
         yield harness
     finally:
@@ -1070,3 +1081,161 @@ def test_ifindex_comes_from_the_device(kernel: Kernel, link: netns.Link) -> None
             ttl=[64, 0],
         )
     kernel.assert_counters(packets=2, new_flows=2)
+
+
+# --- per-CPU flow cache (engine/cache.py) ----------------------------------------------------
+
+
+@pytest.fixture
+def cached(program: FlowProgram) -> Iterator[Kernel]:
+    """The module's program with the flow cache on."""
+    harness = Kernel(program, cached=True)
+    try:
+        yield harness
+    finally:
+        harness.clear()
+
+
+def undrained(kernel: Kernel, fkey: Key) -> np.void:
+    """The entry as the table holds it now, slots not drained (a reader outside a poll)."""
+    keys, values = kernel.table.read()
+    found = [v for k, v in zip(keys, values, strict=True) if k["lo_addr"].tobytes() == fkey.lo]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_cache_holds_plain_packets_until_a_poll_drains_them(cached: Kernel) -> None:
+    fwd = ip4("10.0.0.1", "10.0.0.2", UDP, udp(1000, 2000, b"x" * 100))
+    rev = ip4("10.0.0.2", "10.0.0.1", UDP, udp(2000, 1000, b"y" * 10), ttl=30)
+    fkey, d = key("10.0.0.1", "10.0.0.2", 1000, 2000, UDP)
+    for pkt in [fwd] * 10 + [rev] * 4:
+        cached.run(eth(pkt))
+    # The first packet creates the entry and the second takes the slot; the reverse
+    # direction's first packet goes to the table for its metadata, the rest are cached.
+    before = undrained(cached, fkey)
+    assert before["packets"].tolist() == per_dir(d, 2, 1)
+    time.sleep(0.05)  # several ticks of the table clock
+    cached.run(eth(fwd))
+    assert undrained(cached, fkey)["last_ns"] == before["last_ns"]
+    stats = cached.only_flow(fkey)
+    check(
+        stats,
+        packets=per_dir(d, 11, 4),
+        bytes=per_dir(d, 11 * len(fwd), 4 * len(rev)),
+        ttl=per_dir(d, 64, 30),
+    )
+    assert stats["last_ns"] > before["last_ns"]
+    cached.assert_counters(packets=15, new_flows=1)
+
+
+def test_cache_leaves_syn_fin_and_rst_to_the_table(cached: Kernel) -> None:
+    def c2s(flags: int) -> bytes:
+        return eth(ip4("10.0.0.1", "10.0.0.2", TCP, tcp(40000, 80, flags, b"d")))
+
+    fkey, d = key("10.0.0.1", "10.0.0.2", 40000, 80, TCP)
+    for flags in (ACK, ACK, ACK | PSH | ECE, ACK):
+        cached.run(c2s(flags))
+    assert undrained(cached, fkey)["tcp_flags"].tolist() == per_dir(d, ACK)  # ECE: cached
+    cached.run(c2s(FIN | ACK))
+    raw = undrained(cached, fkey)
+    assert raw["packets"].tolist() == per_dir(d, 3)
+    assert raw["tcp_flags"].tolist() == per_dir(d, FIN | ACK)
+    cached.run(c2s(SYN))
+    assert undrained(cached, fkey)["syn_dir"] == d
+    cached.run(c2s(RST))
+    assert undrained(cached, fkey)["tcp_flags"].tolist() == per_dir(d, RST | SYN | FIN | ACK)
+    check(
+        cached.only_flow(fkey),
+        packets=per_dir(d, 7),
+        bytes=per_dir(d, 7 * 41),
+        tcp_flags=per_dir(d, RST | SYN | FIN | PSH | ACK | ECE),
+        syn_dir=d,
+        ttl=[64, 0],
+    )
+
+
+def test_cache_slot_never_outlives_its_entry(cached: Kernel) -> None:
+    pkt = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(5, 6)))
+    fkey, _ = key("10.0.0.1", "10.0.0.2", 5, 6, UDP)
+    for _ in range(5):
+        cached.run(pkt)
+    with cached.table.settled():  # a poll closing the flow
+        keys, _ = cached.table.read()
+        taken = cached.table.take(keys[0])
+        assert taken is not None and taken["packets"].tolist() == [5, 0]
+    for _ in range(3):
+        cached.run(pkt)
+    # a new entry (create, then a hit that takes a fresh slot), not the old slot
+    assert undrained(cached, fkey)["packets"].tolist() == [2, 0]
+    check(cached.only_flow(fkey), packets=[3, 0], bytes=[84, 0], ttl=[64, 0])
+    cached.assert_counters(packets=8, new_flows=2)
+
+
+def test_cache_keeps_every_count_when_flows_share_slots(cached: Kernel) -> None:
+    flows = 600  # far more than the 256 slots: most flows find theirs taken
+    frames = [
+        eth(ip4(f"10.1.{i // 250}.{i % 250 + 1}", "10.2.0.1", UDP, udp(1024 + i, 53, bytes(i % 7))))
+        for i in range(flows)
+    ]
+    for _ in range(5):
+        for frame in frames:
+            cached.run(frame)
+    found = cached.flows()
+    assert len(found) == flows
+    for i in range(flows):
+        fkey, d = key(f"10.1.{i // 250}.{i % 250 + 1}", "10.2.0.1", 1024 + i, 53, UDP)
+        assert found[fkey]["packets"].tolist() == per_dir(d, 5)
+        assert found[fkey]["bytes"].tolist() == per_dir(d, 5 * (28 + i % 7))
+    cached.assert_counters(packets=5 * flows, new_flows=flows)
+
+
+def two_cpus() -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    return cpus[:2]
+
+
+def test_cache_drains_every_cpu(cached: Kernel) -> None:
+    pkt = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(7, 8)))
+    fkey, _ = key("10.0.0.1", "10.0.0.2", 7, 8, UDP)
+    allowed = os.sched_getaffinity(0)
+    try:
+        for cpu in two_cpus() * 2:
+            os.sched_setaffinity(0, {cpu})
+            for _ in range(5):
+                cached.run(pkt)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    # table: the first CPU's create and fill, the second CPU's fill; 17 packets cached
+    assert undrained(cached, fkey)["packets"].tolist() == [3, 0]
+    check(cached.only_flow(fkey), packets=[20, 0], bytes=[560, 0], ttl=[64, 0])
+    cached.assert_counters(packets=20, new_flows=1)
+
+
+def test_cache_stays_off_when_a_cpu_is_outside_the_cpuset(program: FlowProgram) -> None:
+    assert program.cache is not None
+    program.cache.disable()
+    first, second = two_cpus()
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {first})
+        assert f"CPUs [{second}] are outside" in cache.unusable()
+        assert not program.cache.enable()
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert not program.cache.enabled
+    assert cache.unusable() == ""
+
+
+def test_disabling_the_cache_drains_it(cached: Kernel) -> None:
+    pkt = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(9, 10)))
+    fkey, _ = key("10.0.0.1", "10.0.0.2", 9, 10, UDP)
+    for _ in range(6):
+        cached.run(pkt)
+    assert undrained(cached, fkey)["packets"].tolist() == [2, 0]
+    assert cached.program.cache is not None
+    cached.program.cache.disable()
+    assert undrained(cached, fkey)["packets"].tolist() == [6, 0]
+    cached.run(pkt)
+    assert undrained(cached, fkey)["packets"].tolist() == [7, 0]

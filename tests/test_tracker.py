@@ -7,6 +7,7 @@ in test_capture.py.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
@@ -36,6 +37,9 @@ class FakeTable:
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
         self.rows: dict[bytes, tuple[np.void, np.void]] = {}
+
+    def settled(self) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         keys = np.array([k for k, _ in self.rows.values()], dtype=KEY_DTYPE)

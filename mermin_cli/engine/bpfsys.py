@@ -16,6 +16,7 @@ from dataclasses import dataclass
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
 
 BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_NEXT_ID = 11
@@ -204,6 +205,13 @@ def map_lookup(map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int) -
     return _map_op(BPF_MAP_LOOKUP_ELEM, map_fd, key, value_size)
 
 
+def map_update(
+    map_fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char]
+) -> None:
+    """Create or overwrite one entry."""
+    _bpf(BPF_MAP_UPDATE_ELEM, _map_attr(map_fd, key, value))
+
+
 def map_lookup_and_delete(
     map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int
 ) -> bytes | None:
@@ -215,13 +223,18 @@ def _map_op(
     cmd: int, map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int
 ) -> bytes | None:
     value = ctypes.create_string_buffer(value_size)
-    attr = _attr(
+    return value.raw if _found(cmd, _map_attr(map_fd, key, value)) else None
+
+
+def _map_attr(
+    map_fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char]
+) -> ctypes.Array[ctypes.c_char]:
+    return _attr(
         32,
         (0, "I", map_fd),
         (8, "Q", ctypes.addressof(key)),
         (16, "Q", ctypes.addressof(value)),
     )
-    return value.raw if _found(cmd, attr) else None
 
 
 BPF_PROG_LOAD = 5

@@ -62,6 +62,7 @@ COUNTERS = (
     "filtered_flows",
     "filtered_packets",
     "events_dropped",
+    "cache_lost",
 )
 
 EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts", "<u8")])

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mermin_cli.engine import layout
+from mermin_cli.engine.cache import FlowCache
 from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.compiler import (
     Compiled,
@@ -40,7 +41,11 @@ class FlowProgram:
         started = time.monotonic()
         self.bpf, self.headers = compiled.bpf, compiled.headers
         try:
-            names = ["mermin_pcap"] if offline else [*layout.PROGRAMS.values(), "mermin_clock"]
+            names = (
+                ["mermin_pcap"]
+                if offline
+                else [*layout.PROGRAMS.values(), "mermin_clock", "mermin_cache_flush"]
+            )
             fds = self._load(names)
         except Exception as exc:
             raise load_failed(exc) from exc
@@ -55,8 +60,11 @@ class FlowProgram:
         self.flows_fd: int = self.flows.map_fd
         # Live tables stamp flows in jiffies (converted by `clock`); offline ones in ns.
         self.clock: TickClock | None = None
+        # Off until enabled: a poll must drain it (see engine/cache.py).
+        self.cache: FlowCache | None = None
         if not offline:
             self.clock = TickClock.calibrate(fds["mermin_clock"], self.bpf[b"clock_sync"].map_fd)
+            self.cache = FlowCache(fds["mermin_cache_flush"], self.bpf[b"cache_gen"].map_fd)
         self._counters = self.bpf[b"counters"]
         key_size = ctypes.sizeof(self.flows.Key)
         value_size = ctypes.sizeof(self.flows.Leaf)

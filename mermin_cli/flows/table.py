@@ -4,18 +4,23 @@ One `BPF_MAP_LOOKUP_BATCH` pass copies the whole table into buffers allocated on
 viewed as numpy structured arrays: reading costs a few syscalls, not one per flow.
 Expired flows are removed with lookup-and-delete, which returns their final counters
 atomically, so packets that arrive between the read and the delete are not lost.
+Live, a poll reads and deletes inside `settled()`, which first drains the per-CPU flow
+cache into the table (engine/cache.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mermin_cli.engine import bpfsys
+from mermin_cli.engine.cache import FlowCache
 from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.layout import KEY_DTYPE, STATS_DTYPE
 
@@ -27,11 +32,18 @@ class FlowTable:
     """Bulk reader of the `flows` hash map."""
 
     def __init__(
-        self, map_fd: int, capacity: int, lib: ctypes.CDLL, clock: TickClock | None
+        self,
+        map_fd: int,
+        capacity: int,
+        lib: ctypes.CDLL,
+        clock: TickClock | None,
+        cache: FlowCache | None = None,
     ) -> None:
-        """`clock` converts the kernel's timestamps; None when they are already ns."""
+        """`clock` converts the kernel's timestamps; None when they are already ns.
+        `cache`: the program's flow cache, drained by `settled()`."""
         self.map_fd = map_fd
         self.clock = clock
+        self.cache = cache
         self.capacity = capacity
         self._lib = lib
         self._keys = ctypes.create_string_buffer(KEY_DTYPE.itemsize * capacity)
@@ -42,7 +54,11 @@ class FlowTable:
     @classmethod
     def of(cls, program: FlowProgram, capacity: int) -> FlowTable:
         """The table of a loaded flow program."""
-        return cls(program.flows_fd, capacity, program.bpf_lib, program.clock)
+        return cls(program.flows_fd, capacity, program.bpf_lib, program.clock, program.cache)
+
+    def settled(self) -> AbstractContextManager[None]:
+        """The table holds every packet counted so far, and deletes are safe, in this block."""
+        return self.cache.settled() if self.cache else contextlib.nullcontext()
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Copy of every (key, stats) row currently in the table."""

@@ -36,6 +36,8 @@ from mermin_cli.flows.record import (
 from mermin_cli.flows.traceids import TraceIds
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from mermin_cli.config.schema import SpanConfig
 
 TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
@@ -51,6 +53,8 @@ class Table(Protocol):
     """The kernel flow table as the tracker sees it (see flows/table.py)."""
 
     capacity: int
+
+    def settled(self) -> AbstractContextManager[None]: ...
 
     def read(self) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -165,14 +169,15 @@ class FlowTracker:
     def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
         """One poll: records for idle, closing, due and (table nearly full) evicted flows."""
         started = time.perf_counter()
-        keys, vals = self.table.read()
-        self.table_size = len(keys)
-        now = self.clock.now_ns() if now_ns is None else now_ns
-        self.previous_snapshot, self.snapshot = self.snapshot, (now, keys, vals)
         self.host.refresh()
         offset = self.clock.wall_offset_ns()
-        with self.lock:
-            records = self._poll(keys, vals, now, offset)
+        with self.table.settled():
+            keys, vals = self.table.read()
+            now = self.clock.now_ns() if now_ns is None else now_ns
+            with self.lock:
+                records = self._poll(keys, vals, now, offset)
+        self.table_size = len(keys)
+        self.previous_snapshot, self.snapshot = self.snapshot, (now, keys, vals)
         self.last_poll_seconds = time.perf_counter() - started
         return records
 
@@ -201,12 +206,13 @@ class FlowTracker:
 
     def flush(self) -> list[FlowRecord]:
         """Final `forced_end` records of every active flow (shutdown / end of input)."""
-        keys, vals = self.table.read()
         offset = self.clock.wall_offset_ns()
         out: list[FlowRecord] = []
-        with self.lock:
-            for i in range(len(keys)):
-                out.extend(self._close(keys[i], vals[i], END_FORCED, offset))
+        with self.table.settled():
+            keys, vals = self.table.read()
+            with self.lock:
+                for i in range(len(keys)):
+                    out.extend(self._close(keys[i], vals[i], END_FORCED, offset))
         self.records_emitted += len(out)
         return out
 

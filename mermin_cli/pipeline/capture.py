@@ -130,6 +130,8 @@ class Capture:
                 watcher.start()
                 cleanup.callback(watcher.stop)
             table = FlowTable.of(program, capacity)
+            if program.cache:
+                program.cache.enable()
             tracker = FlowTracker(table, cfg.span, hooks.names.get)
             self._apply_filters(program, tracker, cfg)
             metrics = Metrics()

@@ -89,6 +89,13 @@ class RunState:
                 lost,
                 now["map_full_bytes"] - before.get("map_full_bytes", 0),
             )
+        orphaned = now["cache_lost"] - before.get("cache_lost", 0)
+        if orphaned:
+            log.error(
+                "%d cached packets found no flow entry to drain into; this is a bug in "
+                "mermin, please report it",
+                orphaned,
+            )
         usage = self.tracker.table_size / capacity
         if usage >= USAGE_WARNING and not self._warned_usage:
             log.warning("flow table is %.0f%% full (%d entries)", usage * 100, capacity)

@@ -1,0 +1,139 @@
+"""User space's half of the per-CPU flow cache in bpf/flow.c.
+
+Packets of known flows are counted in a small slot of their CPU's cache instead of the
+`flows` entry, which saves the hash lookup that dominates a packet's cost. The entries
+are exact again only after every CPU's slots are drained into them, so each poll runs
+inside `settled()`:
+
+1. `cache_gen` goes even: no packet hits or fills a slot any more;
+2. mermin_cache_flush runs (BPF_PROG_TEST_RUN) on each online CPU, pinned there, adding
+   its slots' counts to their entries;
+3. the caller reads the table and deletes expired entries;
+4. `cache_gen` goes odd and new: every slot is free, none points at a deleted entry.
+
+A flush runs in process context, so TC on its CPU may interrupt it but not the reverse;
+that is what makes plain (non-atomic) slot updates safe, and why the cache stays off when
+a CPU cannot be reached: a cpuset without it, or PREEMPT_RT, where softirqs run in
+threads that a flush can interrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from mermin_cli.engine import bpfsys
+from mermin_cli.engine.clock import PROBE_FRAME
+
+log = logging.getLogger("mermin.engine")
+
+ONLINE = Path("/sys/devices/system/cpu/online")
+REALTIME = Path("/sys/kernel/realtime")
+ZERO_KEY = bytes(4)
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """CPUs of a kernel cpu list such as "0-3,8,10-11"."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def online_cpus() -> set[int]:
+    """CPUs that can run a TC program right now."""
+    return parse_cpu_list(ONLINE.read_text())
+
+
+class FlowCache:
+    """Turns the kernel's flow cache on, and drains it around each table poll."""
+
+    def __init__(self, flush_fd: int, gen_fd: int) -> None:
+        """`flush_fd`: the mermin_cache_flush program; `gen_fd`: the `cache_gen` map."""
+        self._flush_fd = flush_fd
+        self._gen_fd = gen_fd
+        self._gen = 0  # even: off (the map's value at load)
+        self.enabled = False
+        self.drains = 0  # CPUs drained, for tests and benchmarks
+
+    def enable(self) -> bool:
+        """Turn the cache on if every CPU that runs TC can be drained; returns whether it is."""
+        why = unusable()
+        if why:
+            log.info("flow cache off: %s", why)
+            return False
+        if not self.enabled:
+            self.enabled = True
+            self._turn(on=True)
+        return True
+
+    def disable(self) -> None:
+        """Turn the cache off, its counts drained into the table."""
+        if self.enabled:
+            self._turn(on=False)
+            self.drain()
+            self.enabled = False
+
+    def _give_up(self, why: str) -> None:
+        """Off for good, the generation left even: some CPU's slots cannot be drained."""
+        log.warning("flow cache turned off: %s", why)
+        self.enabled = False
+
+    @contextlib.contextmanager
+    def settled(self) -> Iterator[None]:
+        """Every cached count is in the table, and stays there, until the block ends."""
+        if not self.enabled:
+            yield
+            return
+        self._turn(on=False)
+        try:
+            self.drain()
+            yield
+        finally:
+            if self.enabled:
+                self._turn(on=True)
+
+    def drain(self) -> None:
+        """Run the flush program on each online CPU (the cache must be off meanwhile)."""
+        allowed = os.sched_getaffinity(0)
+        cpus = online_cpus()
+        try:
+            for cpu in sorted(cpus & allowed):
+                os.sched_setaffinity(0, {cpu})
+                ran_on = bpfsys.prog_test_run(self._flush_fd, PROBE_FRAME).retval
+                if ran_on != cpu:  # the cpuset changed under us
+                    self._give_up(f"a flush meant for CPU {cpu} ran on CPU {ran_on}")
+                self.drains += 1
+        finally:
+            os.sched_setaffinity(0, allowed)
+        if not cpus <= allowed:
+            self._give_up(
+                f"CPUs {sorted(cpus - allowed)} came online outside this process's cpuset"
+            )
+
+    def _turn(self, on: bool) -> None:
+        """Start a new generation: odd turns the cache on with every slot free, even off."""
+        gen = self._gen + 1
+        if gen & 1 != on:
+            gen += 1
+        self._gen = gen
+        key = ctypes.create_string_buffer(ZERO_KEY, 4)
+        value = ctypes.create_string_buffer(struct.pack("<Q", gen), 8)
+        bpfsys.map_update(self._gen_fd, key, value)
+
+
+def unusable() -> str:
+    """Why this process could not drain the cache of every CPU ("" if it can)."""
+    if REALTIME.exists() and REALTIME.read_text().strip() == "1":
+        return "PREEMPT_RT kernel (softirqs run in threads a flush could interrupt)"
+    missing = online_cpus() - os.sched_getaffinity(0)
+    if missing:
+        return f"CPUs {sorted(missing)} are outside this process's cpuset"
+    return ""
