@@ -52,7 +52,7 @@ import dpkt
 
 from mermin_cli.config.schema import FlowCaptureConfig
 from mermin_cli.engine import bpfsys
-from mermin_cli.engine.compiler import bpf_source, event_pages, import_bcc
+from mermin_cli.engine.compiler import NO_DEBUG_INFO, bpf_source, event_pages, import_bcc
 from mermin_cli.engine.program import FlowProgram
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_cost.json"
@@ -174,7 +174,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         benches: dict[int, tuple[Any, dict[str, int]]] = {}
         for capacity in capacities:
             per_call = capacity // 2 // args.chunks
-            cflags = [f"-DMAX_FLOWS={capacity}", f"-DEVENT_PAGES={event_pages(2 * per_call)}"]
+            cflags = [
+                NO_DEBUG_INFO,
+                f"-DMAX_FLOWS={capacity}",
+                f"-DEVENT_PAGES={event_pages(2 * per_call)}",
+            ]
             bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
             cleanup.callback(bench.cleanup)
             bench["flow_events"].open_ring_buffer(lambda _ctx, _data, _size: 0)

@@ -73,6 +73,12 @@ class Compiled(NamedTuple):
     seconds: float  # the compile's wall time
 
 
+# BCC compiles with debug info, for BTF: pretty map dumps in bpftool, source lines in
+# verifier logs. mermin needs neither, and without it the compile takes a sixth (0.2 s
+# here) less, the largest part of start-up.
+NO_DEBUG_INFO = "-g0"
+
+
 def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compiled:
     """Compile bpf/flow.c for a table of `max_flows` and a ring of `event_capacity` events."""
     started = time.monotonic()
@@ -81,7 +87,11 @@ def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compil
     src = bpf_source()
     if not src.is_file():
         raise MerminError(f"The eBPF source {src} is missing; reinstall mermin.")
-    cflags = [f"-DMAX_FLOWS={max_flows}", f"-DEVENT_PAGES={event_pages(event_capacity)}"]
+    cflags = [
+        NO_DEBUG_INFO,
+        f"-DMAX_FLOWS={max_flows}",
+        f"-DEVENT_PAGES={event_pages(event_capacity)}",
+    ]
     if offline:
         cflags.append("-DOFFLINE_CLOCK")
     try:
