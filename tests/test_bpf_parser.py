@@ -1228,6 +1228,12 @@ def test_cache_stays_off_when_a_cpu_is_outside_the_cpuset(program: FlowProgram) 
     assert cache.unusable() == ""
 
 
+def test_cpu_lists_read_as_the_kernel_writes_them() -> None:
+    assert cache.parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert cache.parse_cpu_list("0\n") == {0}
+    assert cache.online_cpus() >= os.sched_getaffinity(0)
+
+
 def test_disabling_the_cache_drains_it(cached: Kernel) -> None:
     pkt = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(9, 10)))
     fkey, _ = key("10.0.0.1", "10.0.0.2", 9, 10, UDP)

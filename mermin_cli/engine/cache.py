@@ -61,7 +61,6 @@ class FlowCache:
         self._gen_fd = gen_fd
         self._gen = 0  # even: off (the map's value at load)
         self.enabled = False
-        self.drains = 0  # CPUs drained, for tests and benchmarks
 
     def enable(self) -> bool:
         """Turn the cache on if every CPU that runs TC can be drained; returns whether it is."""
@@ -106,11 +105,14 @@ class FlowCache:
         cpus = online_cpus()
         try:
             for cpu in sorted(cpus & allowed):
-                os.sched_setaffinity(0, {cpu})
+                try:
+                    os.sched_setaffinity(0, {cpu})
+                except OSError as exc:  # gone offline, or the cpuset changed under us
+                    self._give_up(f"CPU {cpu} cannot be reached ({exc.strerror})")
+                    continue
                 ran_on = bpfsys.prog_test_run(self._flush_fd, PROBE_FRAME).retval
-                if ran_on != cpu:  # the cpuset changed under us
+                if ran_on != cpu:
                     self._give_up(f"a flush meant for CPU {cpu} ran on CPU {ran_on}")
-                self.drains += 1
         finally:
             os.sched_setaffinity(0, allowed)
         if not cpus <= allowed:
