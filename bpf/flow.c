@@ -690,6 +690,17 @@ static __always_inline int cache_hit(struct cache_slot *c, int mine, struct pkt 
     return 1;
 }
 
+/* No pending counts: a slot just taken, or just drained. */
+static __always_inline void cache_clear(struct cache_slot *c)
+{
+    c->packets[0] = 0;
+    c->packets[1] = 0;
+    c->bytes[0] = 0;
+    c->bytes[1] = 0;
+    c->tcp_flags[0] = 0;
+    c->tcp_flags[1] = 0;
+}
+
 /* After a table hit: take a slot of an older generation (first come, first served until
  * the next poll), or refresh our own slot's view of the entry's metadata. */
 static __always_inline void cache_fill(struct cache_slot *c, int mine, struct flow_key *k,
@@ -700,12 +711,7 @@ static __always_inline void cache_fill(struct cache_slot *c, int mine, struct fl
             return; /* another flow's this generation */
         __builtin_memcpy(&c->key, k, sizeof(*k));
         c->gen = gen;
-        c->tcp_flags[0] = 0;
-        c->tcp_flags[1] = 0;
-        c->packets[0] = 0;
-        c->packets[1] = 0;
-        c->bytes[0] = 0;
-        c->bytes[1] = 0;
+        cache_clear(c);
     }
     c->meta_seen = s->meta_seen;
 }
@@ -729,12 +735,7 @@ static __always_inline void cache_drain(struct cache_slot *c)
     } else {
         count(CTR_CACHE_LOST, n); /* the protocol above makes this impossible */
     }
-    c->packets[0] = 0;
-    c->packets[1] = 0;
-    c->bytes[0] = 0;
-    c->bytes[1] = 0;
-    c->tcp_flags[0] = 0;
-    c->tcp_flags[1] = 0;
+    cache_clear(c);
 }
 
 /* Run by user space through BPF_PROG_TEST_RUN on each CPU in turn, with the cache off.

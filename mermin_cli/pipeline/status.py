@@ -80,21 +80,22 @@ class RunState:
         }
 
     def _warn(self, before: dict[str, int], now: dict[str, int], capacity: int) -> None:
-        lost = now["map_full"] - before.get("map_full", 0)
-        if lost:
+        def moved(name: str) -> int:
+            return now[name] - before.get(name, 0)
+
+        if moved("map_full"):
             log.warning(
                 "flow table full (%d entries): %d packets (%d bytes) were not accounted; "
                 "raise pipeline.flow_capture.flow_stats_capacity or shorten the span timeouts",
                 capacity,
-                lost,
-                now["map_full_bytes"] - before.get("map_full_bytes", 0),
+                moved("map_full"),
+                moved("map_full_bytes"),
             )
-        orphaned = now["cache_lost"] - before.get("cache_lost", 0)
-        if orphaned:
+        if moved("cache_lost"):
             log.error(
                 "%d cached packets found no flow entry to drain into; this is a bug in "
                 "mermin, please report it",
-                orphaned,
+                moved("cache_lost"),
             )
         usage = self.tracker.table_size / capacity
         if usage >= USAGE_WARNING and not self._warned_usage:
@@ -104,8 +105,8 @@ class RunState:
             ("events_dropped", "new-flow events lost in the kernel (ring buffer full)",
              "pipeline.flow_capture.flow_events_capacity"),
         ):  # fmt: skip
-            if now[name] > before.get(name, 0):
-                log.warning("%d %s; raise %s", now[name] - before.get(name, 0), what, setting)
+            if moved(name) > 0:
+                log.warning("%d %s; raise %s", moved(name), what, setting)
 
     def summary(self) -> None:
         c = self.counters
