@@ -1222,6 +1222,7 @@ def test_cache_stays_off_when_a_cpu_is_outside_the_cpuset(program: FlowProgram) 
         os.sched_setaffinity(0, {first})
         assert f"CPUs [{second}] are outside" in cache.unusable()
         assert not program.cache.enable()
+        assert program.cache.off_reason == f"CPUs [{second}] are outside this process's cpuset"
     finally:
         os.sched_setaffinity(0, allowed)
     assert not program.cache.enabled

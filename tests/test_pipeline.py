@@ -95,6 +95,8 @@ def test_metrics_and_api_during_a_capture(link, tmp_path: Path) -> None:
     assert ready[0] == 200 and json.loads(ready[1])["checks"]["interfaces_attached"] is True
     assert api["interfaces"] == [{"index": a.ifindex, "name": a.ifname}]
     assert api["table"]["capacity"] == 16384
+    assert api["flow_cache"] == {"enabled": True, "off_reason": None}  # every CPU reachable
+    assert api["kernel"]["cache_lost"] == 0
 
 
 def test_api_lists_active_flows_with_rates(link, tmp_path: Path) -> None:

@@ -61,15 +61,17 @@ class FlowCache:
         self._gen_fd = gen_fd
         self._gen = 0  # even: off (the map's value at load)
         self.enabled = False
+        self.off_reason: str | None = "not enabled"
 
     def enable(self) -> bool:
         """Turn the cache on if every CPU that runs TC can be drained; returns whether it is."""
         why = unusable()
         if why:
             log.info("flow cache off: %s", why)
+            self.off_reason = why
             return False
         if not self.enabled:
-            self.enabled = True
+            self.enabled, self.off_reason = True, None
             self._turn(on=True)
         return True
 
@@ -78,12 +80,12 @@ class FlowCache:
         if self.enabled:
             self._turn(on=False)
             self.drain()
-            self.enabled = False
+            self.enabled, self.off_reason = False, "disabled"
 
     def _give_up(self, why: str) -> None:
         """Off for good, the generation left even: some CPU's slots cannot be drained."""
         log.warning("flow cache turned off: %s", why)
-        self.enabled = False
+        self.enabled, self.off_reason = False, why
 
     @contextlib.contextmanager
     def settled(self) -> Iterator[None]:

@@ -155,6 +155,7 @@ class RunState:
             "patterns": list(self.hooks.patterns),
             "kernel": dict(self.counters),
             "table": {"entries": self.tracker.table_size, "capacity": self.program.max_flows},
+            "flow_cache": self._flow_cache(),
             "flows": {
                 "tracked": len(self.tracker.flows),
                 "records": self.tracker.records_emitted,
@@ -179,6 +180,12 @@ class RunState:
                 "filters": bool(self.tracker.flow_filter) or self._kernel_filters(),
             },
         }
+
+    def _flow_cache(self) -> dict[str, Any]:
+        cache = self.program.cache
+        if cache is None:
+            return {"enabled": False, "off_reason": "offline input"}
+        return {"enabled": cache.enabled, "off_reason": cache.off_reason}
 
     def _kernel_filters(self) -> bool:
         return bool(self.program.bpf[b"filter_cfg"][ctypes.c_int(0)].active)
