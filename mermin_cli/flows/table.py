@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import errno
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,7 +55,7 @@ class FlowTable:
         """The table of a loaded flow program."""
         return cls(program.flows_fd, capacity, program.bpf_lib, program.clock, program.cache)
 
-    def settled(self) -> AbstractContextManager[None]:
+    def settled(self) -> contextlib.AbstractContextManager[None]:
         """The table holds every packet counted so far, and deletes are safe, in this block."""
         return self.cache.settled() if self.cache else contextlib.nullcontext()
 
