@@ -400,7 +400,9 @@ def test_export_resumes_after_outage(protocol: str, resource: Any, sinks: list[O
         sink = OtlpSink(sink_config(rx, max_export_timeout=2.0), resource)
         sinks.append(sink)
         sink.write(records[:30])
-        rx.wait_for(30)
+        # Wait for the reply, not only the spans: a stop between the two cancels the call,
+        # and the sink rightly counts a batch it got no answer for as failed.
+        wait_until(lambda: sink.sent == 30)
         rx.stop()  # also cuts kept-alive HTTP connections
         sink.write(records[30:60])
         wait_until(lambda: sink.failed == 30)
