@@ -772,6 +772,21 @@ static __always_inline int filtered_out(struct pkt *p, __u8 dir)
     return 1;
 }
 
+/* Hide a value's origin from the compiler, so that it computes it as written. */
+#define OPAQUE(x) asm volatile("" : "+r"(x))
+
+/* 1 if the EtherType is an 802.1Q or 802.1ad tag, else 0, computed without a branch.
+ * The offset of the IP header is then, to the verifier, one unknown value in a range
+ * rather than a constant per number of tags, so it walks the rest of the parse once,
+ * not once per tag count: with two tags that was three times the verification of the
+ * Ethernet entry point (0.35 s against 0.05-0.07 s, most of the program's load time).
+ * (x - 1) >> 31 is 1 only for x == 0, as x < 2^16. */
+static __always_inline __u32 is_vlan_tag(__u16 proto)
+{
+    __u32 q = proto ^ ETH_P_8021Q_BE, ad = proto ^ ETH_P_8021AD_BE;
+    return ((q - 1) | (ad - 1)) >> 31;
+}
+
 /* Link and network layers of one frame into `p`: 0, or PARSE_NON_IP, or -1 when a header
  * is cut short. The frame starts at `data`; `frame_len` is its length on the wire and
  * `l3_proto` the EtherType of an L3 device's packet (no link header). */
@@ -790,15 +805,18 @@ static __always_inline int parse(struct pkt *p, void *data, void *data_end, void
         off = sizeof(*eth);
 #pragma unroll
         for (int i = 0; i < MAX_VLAN_TAGS; i++) {
-            if (eth_proto != ETH_P_8021Q_BE && eth_proto != ETH_P_8021AD_BE)
-                break;
-            __u16 *tag = data + off;
-            if (CUT(tag, 4))
-                return -1;
-            if (!p->vlan_id)
-                p->vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
-            eth_proto = tag[1];
-            off += 4;
+            __u32 tagged = is_vlan_tag(eth_proto);
+            __u32 next = off + 4 * tagged;
+            OPAQUE(next); /* not `off + 4` below: the verifier must not see a constant */
+            if (tagged) {
+                __u16 *tag = data + off;
+                if (CUT(tag, 4))
+                    return -1;
+                if (!p->vlan_id)
+                    p->vlan_id = bpf_ntohs(tag[0]) & 0x0fff;
+                eth_proto = tag[1];
+            }
+            off = next;
         }
     }
 
