@@ -128,15 +128,16 @@ MS_PRIVATE = 0x40000
 
 def hide_kallsyms() -> bool:
     """Give the calling thread a mount namespace of its own in which /proc/kallsyms is
-    empty (/dev/null bound over it); False, and nothing changed, if that is not allowed.
+    empty (/dev/null bound over it); False if that is not allowed (the file stays in view).
 
     Why: on every compile BCC's frontend asks whether the kernel has
     bpf_probe_read_kernel by loading all of /proc/kallsyms into a symbol cache (122,000
-    symbols here: 0.25-0.3 s, a quarter of the compile and of start-up). flow.c calls no
-    probe-read helper, so the answer changes nothing: without the symbol BCC only adds
-    defines that nothing uses. Needs CAP_SYS_ADMIN; without it the compile just takes
-    longer. The namespace's mounts are made private before the bind, so nothing reaches
-    the host's mount table, and the namespace goes away with the thread.
+    symbols here: 0.25-0.3 s alone, 0.4-0.5 s of start-up, where the compile shares the
+    CPUs with the imports). flow.c calls no probe-read helper, so the answer changes
+    nothing: without the symbol BCC only adds defines that nothing uses. Needs
+    CAP_SYS_ADMIN; without it the compile just takes longer. The namespace's mounts are
+    made private before the bind, so nothing reaches the host's mount table, and the
+    namespace goes away with the thread.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     steps = (
