@@ -29,10 +29,13 @@ assert STATS_DTYPE.fields["last_ns"][1] == TIMES_OFFSET + 8
 class TickClock:
     """Converts the table's jiffies timestamps to CLOCK_MONOTONIC nanoseconds."""
 
-    def __init__(self, edge_jiffies: int, edge_ns: int, tick_ns: int) -> None:
+    def __init__(self, edge_jiffies: int, edge_ns: int, tick_ns: int, window_ns: int = 0) -> None:
         self.edge_jiffies = edge_jiffies
         self.edge_ns = edge_ns
         self.tick_ns = tick_ns
+        # The true edge lies within window_ns after edge_ns (two readings of jiffies), so
+        # converted times are up to that much earlier than the tick they stand for.
+        self.window_ns = window_ns
         self._base = edge_ns - edge_jiffies * tick_ns  # ns of jiffy 0 (may be negative)
 
     @classmethod
@@ -60,7 +63,7 @@ class TickClock:
             now = jiffies()
             if now == seen + 1 or before > deadline:
                 # A timeout (a tick that never came on its own) costs at most a tick of error.
-                return cls(now, started, tick_ns)
+                return cls(now, started, tick_ns, time.monotonic_ns() - started)
             seen, started = now, before
 
     def to_ns(self, vals: np.ndarray) -> None:
