@@ -10,9 +10,10 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from mermin_cli.engine.kernel_headers import HeaderTree, prepare_bcc_headers
 from mermin_cli.errors import MerminError
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from mermin_cli.engine.program import FlowProgram
 
 log = logging.getLogger("mermin.engine")
+T = TypeVar("T")
 
 EVENT_BYTES = 56  # struct flow_event in bpf/flow.c (layout.EVENT_DTYPE checks it)
 
@@ -98,25 +100,32 @@ def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compil
     ]
     if offline:
         cflags.append("-DOFFLINE_CLOCK")
-    compiled: Future[Any] = Future()
 
-    def compile_without_kallsyms() -> None:
-        try:
-            hide_kallsyms()
-            compiled.set_result(bcc.BPF(src_file=str(src).encode(), cflags=cflags))
-        except BaseException as exc:  # handed to the caller
-            compiled.set_exception(exc)
+    def compile_without_kallsyms() -> Any:
+        hide_kallsyms()
+        return bcc.BPF(src_file=str(src).encode(), cflags=cflags)
 
     # A thread of its own: hide_kallsyms() changes the mount namespace of the calling
     # thread, and this one ends with the compile.
-    worker = threading.Thread(target=compile_without_kallsyms, name="mermin-bcc", daemon=True)
-    worker.start()
-    worker.join()
     try:
-        bpf = compiled.result()
+        bpf = in_thread(compile_without_kallsyms, "mermin-bcc").result()
     except Exception as exc:
         raise load_failed(exc) from exc
     return Compiled(bpf, headers, time.monotonic() - started)
+
+
+def in_thread(work: Callable[[], T], name: str) -> Future[T]:
+    """Run `work` in a daemon thread; its result or exception arrives in the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # handed to whoever waits for the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 # unshare(2) and mount(2) flags, from <linux/sched.h> and <linux/mount.h>
@@ -158,16 +167,11 @@ def load_in_background(
 ) -> Future[FlowProgram]:
     """Compile and load the flow program in a thread. The LLVM compile runs in libbcc
     with the GIL released, so the caller's imports and set-up proceed meanwhile."""
-    future: Future[FlowProgram] = Future()
 
-    def load() -> None:
-        try:
-            compiled = compile_flow_c(max_flows, event_capacity, offline)
-            from mermin_cli.engine.program import FlowProgram  # numpy: after the compile began
+    def load() -> FlowProgram:
+        compiled = compile_flow_c(max_flows, event_capacity, offline)
+        from mermin_cli.engine.program import FlowProgram  # numpy: after the compile began
 
-            future.set_result(FlowProgram(max_flows, event_capacity, offline, compiled))
-        except BaseException as exc:  # handed to whoever waits for the program
-            future.set_exception(exc)
+        return FlowProgram(max_flows, event_capacity, offline, compiled)
 
-    threading.Thread(target=load, name="mermin-load", daemon=True).start()
-    return future
+    return in_thread(load, "mermin-load")
