@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 
 from mermin_cli.engine import bpfsys, cache
+from mermin_cli.engine.clock import ticks_aligned
 from mermin_cli.engine.layout import COUNTERS, DIR_NONE, FLOW_F_FRAGMENT, HOOK_EGRESS, STATS_DTYPE
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.flows.table import FlowTable
@@ -75,9 +76,6 @@ SYN, ACK, FIN, PSH, RST = (
 ECE, CWR = dpkt.tcp.TH_ECE, dpkt.tcp.TH_CWR
 
 TIMESTAMPS = ("first_ns", "last_ns", "syn_ns", "synack_ns")
-# How late a tick's jiffies update may come (a VM's vCPU, an interrupt-disabled stretch):
-# far below a tick, so a conversion off by one tick still fails.
-TICK_DELAY_NS = 250_000
 FRESH: dict[str, Any] = {
     "packets": [0, 0],
     "bytes": [0, 0],
@@ -438,13 +436,16 @@ def test_handshake_directions_and_times(kernel: Kernel) -> None:
 
 def test_table_times_read_as_monotonic_ns(kernel: Kernel) -> None:
     """first/last-seen are jiffies in the kernel; the table hands them out as
-    CLOCK_MONOTONIC ns no later than the packet and at most one tick earlier (plus the
-    calibration's window and the tick interrupt's own delay: tens of microseconds)."""
+    CLOCK_MONOTONIC ns no later than the packet and at most one tick earlier, plus the
+    tick interrupt's own delay: a packet after an edge still sees the old jiffy until the
+    interrupt comes (up to 2 ms late, measured on a 2-vCPU VM with three busy loops).
+    Half a tick is allowed, so a conversion a tick late always fails."""
     clock = kernel.program.clock
     assert clock is not None
     assert clock.tick_ns in (1_000_000, 3_333_333, 4_000_000, 10_000_000)  # HZ 1000/300/250/100
-    assert 0 < clock.window_ns < 5_000_000
-    early = clock.tick_ns + clock.window_ns + TICK_DELAY_NS
+    if ticks_aligned():  # the edge is known exactly
+        assert (clock.window_ns, clock.edge_ns % clock.tick_ns) == (0, 0)
+    early = clock.tick_ns + clock.tick_ns // 2 + clock.window_ns
     syn = eth(ip4("10.0.0.2", "10.0.0.1", TCP, tcp(40000, 80, SYN)))
     fkey, _ = key("10.0.0.2", "10.0.0.1", 40000, 80, TCP)
     spans = []
