@@ -167,8 +167,9 @@ def flows(
     ] = False,
     once: Annotated[bool, typer.Option("--once", help="One snapshot, then exit.")] = False,
 ) -> None:
-    """Show the active flows of a running capture, live; as root, with an engine of its own
-    when no capture is running."""
+    """Show the active flows of a running capture, live.
+
+    With no capture running, as root, it runs an engine of its own."""
     from mermin_cli.config.loader import load_config
     from mermin_cli.logs import setup_logging
     from mermin_cli.views import live, render, source
