@@ -622,8 +622,9 @@ static __always_inline int rejected(struct pkt *p, __u8 dir, __u32 active)
  *
  * User space owns the protocol that makes this exact (mermin_cli/engine/cache.py):
  * before each poll it makes `cache_gen` even, which stops every hit and fill, then runs
- * mermin_cache_flush on every CPU, which adds the slots' counts into `flows`. Only then
- * does it read and delete entries, and it makes `cache_gen` odd (and new) again after.
+ * mermin_cache_flush on every CPU, which adds the slots' counts into `flows` (an offline
+ * CPU's go through mermin_cache_absorb). Only then does it read and delete entries, and
+ * it makes `cache_gen` odd (and new) again after.
  * A flush runs in process context, so a TC program on its CPU can interrupt it but never
  * the other way round, and that program sees the even generation and leaves the slots
  * alone: no atomics on either side. Slots of an older generation are free for any flow.
@@ -716,12 +717,27 @@ static __always_inline void cache_fill(struct cache_slot *c, int mine, struct fl
     c->meta_seen = s->meta_seen;
 }
 
-/* Add one slot's pending counts into its entry and clear them. */
-static __always_inline void cache_drain(struct cache_slot *c)
+/* The generation whose slots a flush drains: the one that just ended (the map holds the
+ * even one that turned the cache off). */
+static __always_inline __u64 ended_gen(void)
+{
+    __u32 zero = 0;
+    __u64 *g = cache_gen.lookup(&zero);
+    return g ? *g - 1 : 0;
+}
+
+/* Add one slot's pending counts into its entry and clear them; 1 if there were any. Only
+ * counts of the generation that just ended: older ones were added when theirs ended, by
+ * mermin_cache_absorb if their CPU was offline then, which leaves the slot as it was. */
+static __always_inline int cache_drain(struct cache_slot *c, __u64 ended)
 {
     __u64 n = c->packets[0] + c->packets[1];
     if (!n)
-        return;
+        return 0;
+    if (c->gen != ended) {
+        cache_clear(c);
+        return 0;
+    }
     struct flow_stats *s = flows.lookup(&c->key);
     if (s) {
         __sync_fetch_and_add(&s->packets[0], c->packets[0]);
@@ -736,19 +752,44 @@ static __always_inline void cache_drain(struct cache_slot *c)
         count(CTR_CACHE_LOST, n); /* the protocol above makes this impossible */
     }
     cache_clear(c);
+    return 1;
 }
 
 /* Run by user space through BPF_PROG_TEST_RUN on each CPU in turn, with the cache off.
  * Returns the CPU it ran on, so user space knows which cache it drained. */
 int mermin_cache_flush(struct __sk_buff *skb)
 {
+    __u64 ended = ended_gen();
     for (__u32 i = 0; i < CACHE_SLOTS; i++) {
         __u32 idx = i;
         struct cache_slot *c = flow_cache.lookup(&idx);
         if (c)
-            cache_drain(c);
+            cache_drain(c, ended);
     }
     return bpf_get_smp_processor_id();
+}
+
+/* The slots of a CPU that went offline, which no flush can run on: user space reads them
+ * (a per-CPU array hands out every CPU's value) and passes them as the test run's data,
+ * after a 14-byte frame header; with the cache off, on any CPU. Returns how many held
+ * counts of the ended generation. A slot is only read here, so if its CPU comes back,
+ * its own flush must skip those counts: cache_drain() drains the ended generation only. */
+#define ABSORB_MAX 32 /* slots per run: 32 x 96 bytes fit the one page a test run takes */
+int mermin_cache_absorb(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u64 ended = ended_gen();
+    int absorbed = 0;
+    for (__u32 i = 0; i < ABSORB_MAX; i++) {
+        struct cache_slot *rec = data + sizeof(struct ethhdr) + i * sizeof(*rec);
+        if ((void *)(rec + 1) > data_end)
+            break;
+        struct cache_slot c;
+        __builtin_memcpy(&c, rec, sizeof(c));
+        absorbed += cache_drain(&c, ended);
+    }
+    return absorbed;
 }
 #endif
 

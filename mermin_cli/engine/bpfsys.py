@@ -18,6 +18,7 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID = 13
@@ -217,6 +218,27 @@ def map_lookup_and_delete(
 ) -> bytes | None:
     """Atomically read and remove one entry; None if it is already gone."""
     return _map_op(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map_fd, key, value_size)
+
+
+def array_read(map_fd: int, entries: int, value_size: int) -> bytes:
+    """Every value of an array map (of a per-CPU one: `value_size` covers all CPUs), in one
+    BPF_MAP_LOOKUP_BATCH."""
+    keys = ctypes.create_string_buffer(4 * entries)
+    values = ctypes.create_string_buffer(value_size * entries)
+    out_batch = ctypes.create_string_buffer(4)
+    attr = _attr(
+        56,
+        (8, "Q", ctypes.addressof(out_batch)),
+        (16, "Q", ctypes.addressof(keys)),
+        (24, "Q", ctypes.addressof(values)),
+        (32, "I", entries),
+        (36, "I", map_fd),
+    )
+    _found(BPF_MAP_LOOKUP_BATCH, attr)  # False (ENOENT) once the last entry is read
+    read = struct.unpack_from("I", attr, 32)[0]
+    if read != entries:
+        raise OSError(errno.EIO, f"read {read} of {entries} array entries")
+    return values.raw
 
 
 def _map_op(

@@ -7,7 +7,8 @@ inside `settled()`:
 
 1. `cache_gen` goes even: no packet hits or fills a slot any more;
 2. mermin_cache_flush runs (BPF_PROG_TEST_RUN) on each online CPU, pinned there, adding
-   its slots' counts to their entries;
+   its slots' counts to their entries; the slots of a CPU that went offline (hot-unplug)
+   are read from here and added by mermin_cache_absorb, on any CPU;
 3. the caller reads the table and deletes expired entries;
 4. `cache_gen` goes odd and new: every slot is free, none points at a deleted entry.
 
@@ -33,8 +34,14 @@ from mermin_cli.engine.clock import PROBE_FRAME
 log = logging.getLogger("mermin.engine")
 
 ONLINE = Path("/sys/devices/system/cpu/online")
+POSSIBLE = Path("/sys/devices/system/cpu/possible")
 REALTIME = Path("/sys/kernel/realtime")
 ZERO_KEY = bytes(4)
+CACHE_SLOTS = 256  # bpf/flow.c
+SLOT_SIZE = 96  # sizeof(struct cache_slot)
+SLOT_COUNTS = struct.Struct("<QQQ")  # gen, packets[0], packets[1]
+SLOT_COUNTS_OFFSET = 48
+ABSORB_MAX = 32  # slots per run of mermin_cache_absorb
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -52,13 +59,21 @@ def online_cpus() -> set[int]:
     return parse_cpu_list(ONLINE.read_text())
 
 
+def possible_cpus() -> list[int]:
+    """Every CPU that can ever come online: the order of a per-CPU map's values."""
+    return sorted(parse_cpu_list(POSSIBLE.read_text()))
+
+
 class FlowCache:
     """Turns the kernel's flow cache on, and drains it around each table poll."""
 
-    def __init__(self, flush_fd: int, gen_fd: int) -> None:
-        """`flush_fd`: the mermin_cache_flush program; `gen_fd`: the `cache_gen` map."""
+    def __init__(self, flush_fd: int, absorb_fd: int, gen_fd: int, slots_fd: int) -> None:
+        """The mermin_cache_flush and mermin_cache_absorb programs, and the `cache_gen` and
+        `flow_cache` maps."""
         self._flush_fd = flush_fd
+        self._absorb_fd = absorb_fd
         self._gen_fd = gen_fd
+        self._slots_fd = slots_fd
         self._gen = 0  # even: off (the map's value at load)
         self.enabled = False
         self.off_reason: str | None = "not enabled"
@@ -102,9 +117,11 @@ class FlowCache:
                 self._turn(on=True)
 
     def drain(self) -> None:
-        """Run the flush program on each online CPU (the cache must be off meanwhile)."""
+        """Run the flush program on each online CPU and absorb the slots of offline ones
+        (the cache must be off meanwhile)."""
         allowed = os.sched_getaffinity(0)
         cpus = online_cpus()
+        self.absorb(set(possible_cpus()) - cpus)
         try:
             for cpu in sorted(cpus & allowed):
                 try:
@@ -121,6 +138,32 @@ class FlowCache:
             self._give_up(
                 f"CPUs {sorted(cpus - allowed)} came online outside this process's cpuset"
             )
+
+    def absorb(self, offline: set[int]) -> int:
+        """Add the counts that offline CPUs' slots hold for the ended generation into the
+        table; returns how many slots held some. A CPU offline since before the
+        generation began has none (its slots are older), so this reads but adds nothing."""
+        if not offline:
+            return 0
+        possible = possible_cpus()
+        columns = [possible.index(cpu) for cpu in sorted(offline) if cpu in possible]
+        ended = self._gen - 1
+        pending = []
+        row = SLOT_SIZE * len(possible)  # a slot's values, CPU after CPU
+        slots = bpfsys.array_read(self._slots_fd, CACHE_SLOTS, row)
+        for at in range(0, len(slots), row):
+            for column in columns:
+                raw = slots[at + column * SLOT_SIZE : at + (column + 1) * SLOT_SIZE]
+                gen, forward, reverse = SLOT_COUNTS.unpack_from(raw, SLOT_COUNTS_OFFSET)
+                if gen == ended and forward + reverse:
+                    pending.append(raw)
+        absorbed = 0
+        for first in range(0, len(pending), ABSORB_MAX):
+            records = b"".join(pending[first : first + ABSORB_MAX])
+            absorbed += bpfsys.prog_test_run(self._absorb_fd, PROBE_FRAME + records).retval
+        if pending:
+            log.info("flow cache: %d slots of offline CPUs %s drained", absorbed, sorted(offline))
+        return absorbed
 
     def _turn(self, on: bool) -> None:
         """Start a new generation: odd turns the cache on with every slot free, even off."""

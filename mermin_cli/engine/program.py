@@ -44,7 +44,12 @@ class FlowProgram:
             names = (
                 ["mermin_pcap"]
                 if offline
-                else [*layout.PROGRAMS.values(), "mermin_clock", "mermin_cache_flush"]
+                else [
+                    *layout.PROGRAMS.values(),
+                    "mermin_clock",
+                    "mermin_cache_flush",
+                    "mermin_cache_absorb",
+                ]
             )
             fds = self._load(names)
         except Exception as exc:
@@ -64,7 +69,12 @@ class FlowProgram:
         self.cache: FlowCache | None = None
         if not offline:
             self.clock = TickClock.calibrate(fds["mermin_clock"], self.bpf[b"clock_sync"].map_fd)
-            self.cache = FlowCache(fds["mermin_cache_flush"], self.bpf[b"cache_gen"].map_fd)
+            self.cache = FlowCache(
+                fds["mermin_cache_flush"],
+                fds["mermin_cache_absorb"],
+                self.bpf[b"cache_gen"].map_fd,
+                self.bpf[b"flow_cache"].map_fd,
+            )
         self._counters = self.bpf[b"counters"]
         key_size = ctypes.sizeof(self.flows.Key)
         value_size = ctypes.sizeof(self.flows.Leaf)
