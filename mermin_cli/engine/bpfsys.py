@@ -173,11 +173,13 @@ def prog_test_run(
     ifindex: int = 0,
     want_data_out: bool = False,
     ingress_ifindex: int = 0,
+    cb0: int = 0,
 ) -> TestRun:
     """Run a loaded SCHED_CLS program on `data` (a whole frame) inside the kernel.
 
     `ifindex`: the device the skb is on (0: loopback); `ingress_ifindex`: the device it
-    came in on (0: sent by this host), which is how flow.c tells ingress from egress."""
+    came in on (0: sent by this host), which is how flow.c tells ingress from egress;
+    `cb0`: the skb's cb[0], an argument for the program."""
     data_in = ctypes.create_string_buffer(data, len(data))
     data_out = ctypes.create_string_buffer(len(data) + 256 if want_data_out else 0)
     fields = [
@@ -189,10 +191,11 @@ def prog_test_run(
     if want_data_out:
         fields += [(12, "I", len(data_out)), (24, "Q", ctypes.addressof(data_out))]
     ctx = None
-    if ifindex or ingress_ifindex:
-        # struct __sk_buff: ingress_ifindex and ifindex at offsets 36 and 40; the rest zero.
+    if ifindex or ingress_ifindex or cb0:
+        # struct __sk_buff: ingress_ifindex, ifindex and cb[0] at offsets 36, 40 and 48.
         ctx = ctypes.create_string_buffer(192)
-        struct.pack_into("II", ctx, 36, ingress_ifindex, ifindex)
+        struct.pack_into("III", ctx, 36, ingress_ifindex, ifindex, 0)
+        struct.pack_into("I", ctx, 48, cb0)
         fields += [(40, "I", len(ctx)), (48, "Q", ctypes.addressof(ctx))]
     attr = _attr(80, *fields)
     _bpf(BPF_PROG_TEST_RUN, attr)

@@ -42,6 +42,7 @@ SLOT_SIZE = 96  # sizeof(struct cache_slot)
 SLOT_COUNTS = struct.Struct("<QQQ")  # gen, packets[0], packets[1]
 SLOT_COUNTS_OFFSET = 48
 ABSORB_MAX = 32  # slots per run of mermin_cache_absorb
+FLUSH_CHUNK = 32  # slots per run of mermin_cache_flush
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -129,9 +130,11 @@ class FlowCache:
                 except OSError as exc:  # gone offline, or the cpuset changed under us
                     self._give_up(f"CPU {cpu} cannot be reached ({exc.strerror})")
                     continue
-                ran_on = bpfsys.prog_test_run(self._flush_fd, PROBE_FRAME).retval
-                if ran_on != cpu:
-                    self._give_up(f"a flush meant for CPU {cpu} ran on CPU {ran_on}")
+                for first in range(0, CACHE_SLOTS, FLUSH_CHUNK):
+                    ran_on = bpfsys.prog_test_run(self._flush_fd, PROBE_FRAME, cb0=first).retval
+                    if ran_on != cpu:
+                        self._give_up(f"a flush meant for CPU {cpu} ran on CPU {ran_on}")
+                        break
         finally:
             os.sched_setaffinity(0, allowed)
         if not cpus <= allowed:
