@@ -1255,6 +1255,38 @@ def test_cache_counts_of_a_cpu_gone_offline_reach_the_table_once(
     cached.assert_counters(packets=13, new_flows=1)
 
 
+def test_cache_absorbs_a_cpu_that_goes_offline_during_the_drain(
+    cached: Kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Online when the drain lists the CPUs, offline when it pins itself there: its slots
+    are absorbed and the cache stays on. Faked: the online list and the refused pinning."""
+    pkt = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(13, 14)))
+    fkey, _ = key("10.0.0.1", "10.0.0.2", 13, 14, UDP)
+    second = two_cpus()[1]
+    online = cache.online_cpus()
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {second})
+        for _ in range(6):
+            cached.run(pkt)  # create, fill, 4 cached
+    finally:
+        os.sched_setaffinity(0, allowed)
+    lists = iter([online])
+    monkeypatch.setattr(cache, "online_cpus", lambda: next(lists, online - {second}))
+    pin = os.sched_setaffinity
+
+    def refuse_second(pid: int, cpus: set[int]) -> None:
+        if cpus == {second}:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        pin(pid, cpus)
+
+    monkeypatch.setattr(cache.os, "sched_setaffinity", refuse_second)
+    check(cached.only_flow(fkey), packets=[6, 0], bytes=[168, 0], ttl=[64, 0])
+    monkeypatch.undo()
+    assert cached.program.cache is not None and cached.program.cache.enabled
+    check(cached.only_flow(fkey), packets=[6, 0], bytes=[168, 0], ttl=[64, 0])
+
+
 def test_cache_absorbs_every_slot_of_an_offline_cpu(
     cached: Kernel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

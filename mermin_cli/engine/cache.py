@@ -127,8 +127,11 @@ class FlowCache:
             for cpu in sorted(cpus & allowed):
                 try:
                     os.sched_setaffinity(0, {cpu})
-                except OSError as exc:  # gone offline, or the cpuset changed under us
-                    self._give_up(f"CPU {cpu} cannot be reached ({exc.strerror})")
+                except OSError as exc:
+                    if cpu in online_cpus():  # the cpuset changed under us
+                        self._give_up(f"CPU {cpu} cannot be reached ({exc.strerror})")
+                    else:  # gone offline since the list was read
+                        self.absorb({cpu})
                     continue
                 for first in range(0, CACHE_SLOTS, FLUSH_CHUNK):
                     ran_on = bpfsys.prog_test_run(self._flush_fd, PROBE_FRAME, cb0=first).retval
