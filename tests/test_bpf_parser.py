@@ -1204,17 +1204,22 @@ def two_cpus() -> list[int]:
     return cpus[:2]
 
 
+def run_on(kernel: Kernel, cpu: int, frames: list[bytes]) -> None:
+    """Run frames with this thread pinned to `cpu`, so that CPU's cache slots fill."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {cpu})
+        for frame in frames:
+            kernel.run(frame)
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def test_cache_drains_every_cpu(cached: Kernel) -> None:
     pkt = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(7, 8)))
     fkey, _ = key("10.0.0.1", "10.0.0.2", 7, 8, UDP)
-    allowed = os.sched_getaffinity(0)
-    try:
-        for cpu in two_cpus() * 2:
-            os.sched_setaffinity(0, {cpu})
-            for _ in range(5):
-                cached.run(pkt)
-    finally:
-        os.sched_setaffinity(0, allowed)
+    for cpu in two_cpus() * 2:
+        run_on(cached, cpu, [pkt] * 5)
     # table: the first CPU's create and fill, the second CPU's fill; 17 packets cached
     assert undrained(cached, fkey)["packets"].tolist() == [3, 0]
     check(cached.only_flow(fkey), packets=[20, 0], bytes=[560, 0], ttl=[64, 0])
@@ -1232,25 +1237,15 @@ def test_cache_counts_of_a_cpu_gone_offline_reach_the_table_once(
     fkey, _ = key("10.0.0.1", "10.0.0.2", 11, 12, UDP)
     first, second = two_cpus()
     online = cache.online_cpus()
-    allowed = os.sched_getaffinity(0)
-
-    def run_on(cpu: int, n: int) -> None:
-        try:
-            os.sched_setaffinity(0, {cpu})
-            for _ in range(n):
-                cached.run(pkt)
-        finally:
-            os.sched_setaffinity(0, allowed)
-
-    run_on(first, 5)  # create, fill, 3 cached
-    run_on(second, 5)  # fill (a table hit), 4 cached
+    run_on(cached, first, [pkt] * 5)  # create, fill, 3 cached
+    run_on(cached, second, [pkt] * 5)  # fill (a table hit), 4 cached
     assert undrained(cached, fkey)["packets"].tolist() == [3, 0]
     monkeypatch.setattr(cache, "online_cpus", lambda: online - {second})
     check(cached.only_flow(fkey), packets=[10, 0], bytes=[280, 0], ttl=[64, 0])
     check(cached.only_flow(fkey), packets=[10, 0], bytes=[280, 0], ttl=[64, 0])  # still off
     monkeypatch.undo()  # back online, its slot as it was
     check(cached.only_flow(fkey), packets=[10, 0], bytes=[280, 0], ttl=[64, 0])
-    run_on(second, 3)  # the slot is taken again (a table hit), 2 cached
+    run_on(cached, second, [pkt] * 3)  # the slot is taken again (a table hit), 2 cached
     check(cached.only_flow(fkey), packets=[13, 0], bytes=[364, 0], ttl=[64, 0])
     cached.assert_counters(packets=13, new_flows=1)
 
@@ -1264,13 +1259,7 @@ def test_cache_absorbs_a_cpu_that_goes_offline_during_the_drain(
     fkey, _ = key("10.0.0.1", "10.0.0.2", 13, 14, UDP)
     second = two_cpus()[1]
     online = cache.online_cpus()
-    allowed = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, {second})
-        for _ in range(6):
-            cached.run(pkt)  # create, fill, 4 cached
-    finally:
-        os.sched_setaffinity(0, allowed)
+    run_on(cached, second, [pkt] * 6)  # create, fill, 4 cached
     lists = iter([online])
     monkeypatch.setattr(cache, "online_cpus", lambda: next(lists, online - {second}))
     pin = os.sched_setaffinity
@@ -1295,14 +1284,7 @@ def test_cache_absorbs_every_slot_of_an_offline_cpu(
     frames = [eth(ip4("10.3.0.1", f"10.4.0.{i + 1}", UDP, udp(2000, 53))) for i in range(flows)]
     second = two_cpus()[1]
     online = cache.online_cpus()
-    allowed = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, {second})
-        for _ in range(4):
-            for frame in frames:
-                cached.run(frame)
-    finally:
-        os.sched_setaffinity(0, allowed)
+    run_on(cached, second, frames * 4)
     monkeypatch.setattr(cache, "online_cpus", lambda: online - {second})
     with caplog.at_level(logging.INFO, logger="mermin.engine"):
         found = cached.flows()
@@ -1325,15 +1307,9 @@ def test_cache_slot_layout_matches_flow_c(program: FlowProgram) -> None:
 
 def test_array_read_returns_every_cpus_values_in_one_call(cached: Kernel) -> None:
     """bpfsys.array_read (one BPF_MAP_LOOKUP_BATCH) against a lookup per key."""
+    frames = [eth(ip4("10.5.0.1", "10.5.0.2", UDP, udp(3000 + port, 99))) for port in range(20)]
     for cpu in two_cpus():
-        allowed = os.sched_getaffinity(0)
-        try:
-            os.sched_setaffinity(0, {cpu})
-            for port in range(20):
-                for _ in range(3):
-                    cached.run(eth(ip4("10.5.0.1", "10.5.0.2", UDP, udp(3000 + port, 99))))
-        finally:
-            os.sched_setaffinity(0, allowed)
+        run_on(cached, cpu, frames * 3)
     fd = cached.program.bpf[b"flow_cache"].map_fd
     row = cache.SLOT_SIZE * len(cache.possible_cpus())
     one_by_one = []
