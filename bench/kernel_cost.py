@@ -9,8 +9,8 @@ time per run of each test-run call, and the median of `--runs` calls is kept.
   would insert only once, so flow.c is compiled again with a bench-only entry point that
   runs the same `handle()` and then bumps the frame's IPv4 source address: every run of a
   call inserts a new flow. A sample fills the table to half its capacity in `--chunks`
-  calls, each from its own /16, after emptying it; the new-flow ring buffer is drained
-  between calls as the capture does, so every event is delivered (a full ring would make
+  calls, each from its own /16, after emptying it; the new-flow event rings are drained
+  between calls as the capture does, and every event must arrive (a full ring would make
   events cheap failures). The bump itself is timed alone and subtracted. The same wrapper
   bumping the IP ID instead (every run a hit) must reproduce the hit row: that row checks
   the method.
@@ -52,7 +52,14 @@ import dpkt
 
 from mermin_cli.config.schema import FlowCaptureConfig
 from mermin_cli.engine import bpfsys
-from mermin_cli.engine.compiler import NO_DEBUG_INFO, bpf_source, event_pages, import_bcc
+from mermin_cli.engine.compiler import (
+    NO_DEBUG_INFO,
+    bpf_source,
+    event_cpus,
+    event_slots,
+    import_bcc,
+)
+from mermin_cli.engine.events import EventRings
 from mermin_cli.engine.program import FlowProgram
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_cost.json"
@@ -171,23 +178,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cleanup.callback(empty_bpf.cleanup)
         empty_fd = empty_bpf.load_func(b"empty", bcc.BPF.SCHED_CLS).fd
         flow_fd = prog.prog_fd(l3=False)
-        benches: dict[int, tuple[Any, dict[str, int]]] = {}
+        benches: dict[int, tuple[Any, dict[str, int], EventRings]] = {}
         for capacity in capacities:
             per_call = capacity // 2 // args.chunks
             cflags = [
                 NO_DEBUG_INFO,
                 f"-DMAX_FLOWS={capacity}",
-                f"-DEVENT_PAGES={event_pages(2 * per_call)}",
+                f"-DEVENT_SLOTS={event_slots(per_call)}",
+                f"-DEVENT_CPUS={event_cpus()}",
             ]
             bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
             cleanup.callback(bench.cleanup)
-            bench["flow_events"].open_ring_buffer(lambda _ctx, _data, _size: 0)
+            rings = EventRings(
+                *(bench[name].map_fd for name in ("event_slots", "event_heads", "event_tails")),
+                event_cpus(),
+                event_slots(per_call),
+            )
+            cleanup.callback(rings.close)
             new_cache_generation(bench)
             fds = {
                 name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
                 for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
             }
-            benches[capacity] = (bench, fds)
+            benches[capacity] = (bench, fds, rings)
         for frame in frames.values():
             run_ns(flow_fd, frame, 2)  # create the flows and take a cache slot: then hits
         fds = benches[args.capacity][1]
@@ -196,11 +209,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         def half_fill(capacity: int, empty_first: bool) -> float:
             """Median ns of the calls that fill half the table (new flows when it was
             emptied first, else hits on the flows the last fill left)."""
-            bench, fds = benches[capacity]
+            bench, fds, rings = benches[capacity]
             if empty_first:
                 bench["flows"].clear()
                 new_cache_generation(bench)
-            bench.ring_buffer_consume()
+            rings.read()
             calls = []
             for i in range(args.chunks):
                 frame = bytearray(tcp)
@@ -208,7 +221,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 calls.append(
                     run_ns(fds["bench_new_flow"], bytes(frame), capacity // 2 // args.chunks)
                 )
-                bench.ring_buffer_consume()
+                events = len(rings.read())
+                if empty_first and events != capacity // 2 // args.chunks:
+                    raise RuntimeError(f"{events} new-flow events arrived for one call")
             return statistics.median(calls)
 
         empty = lambda: run_ns(empty_fd, tcp, args.repeat)  # noqa: E731
@@ -239,7 +254,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             timed[f"spread {capacity}"] = lambda c=capacity: half_fill(c, empty_first=False)
             samples |= session(timed)
             timed = {}
-        for capacity, (bench, _) in benches.items():
+        for capacity, (bench, _, _) in benches.items():
             inserted, expected = len(bench["flows"]), capacity // 2 // args.chunks * args.chunks
             if inserted != expected:
                 raise RuntimeError(f"{inserted} of {expected} bench runs inserted a flow")

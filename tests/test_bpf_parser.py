@@ -39,8 +39,9 @@ import dpkt
 import numpy as np
 import pytest
 
-from mermin_cli.engine import bpfsys, cache
+from mermin_cli.engine import bpfsys, cache, cpus
 from mermin_cli.engine.clock import ticks_aligned
+from mermin_cli.engine.compiler import EVENT_BYTES, event_slots
 from mermin_cli.engine.layout import COUNTERS, DIR_NONE, FLOW_F_FRAGMENT, HOOK_EGRESS, STATS_DTYPE
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.flows.table import FlowTable
@@ -244,6 +245,20 @@ def key(
     return Key(d, s, dport, sport, proto, ver, ifindex), 1
 
 
+def key_of(k: np.void) -> Key:
+    """A key as the kernel wrote it (table or event), in the form of `key()`."""
+    assert k["pad"] == 0
+    return Key(
+        k["lo_addr"].tobytes(),
+        k["hi_addr"].tobytes(),
+        int(k["lo_port"]),
+        int(k["hi_port"]),
+        int(k["proto"]),
+        int(k["ip_ver"]),
+        int(k["ifindex"]),
+    )
+
+
 def per_dir(dir_: int, forward: int, reverse: int = 0) -> list[int]:
     """A [dir0, dir1] pair from the values of the packet's direction and the other one."""
     return [reverse, forward] if dir_ else [forward, reverse]
@@ -298,18 +313,7 @@ class Kernel:
             keys, values = self.table.read()
         found = {}
         for k, v in zip(keys, values, strict=True):
-            assert k["pad"] == 0
-            found[
-                Key(
-                    k["lo_addr"].tobytes(),
-                    k["hi_addr"].tobytes(),
-                    int(k["lo_port"]),
-                    int(k["hi_port"]),
-                    int(k["proto"]),
-                    int(k["ip_ver"]),
-                    int(k["ifindex"]),
-                )
-            ] = v
+            found[key_of(k)] = v
         return found
 
     def only_flow(self, expected: Key) -> np.void:
@@ -328,11 +332,12 @@ class Kernel:
         assert self.counters() == {name: expected.get(name, 0) for name in COUNTERS}
 
     def clear(self) -> None:
-        """Empty the flow table and restart the counters from zero."""
+        """Empty the flow table and the event rings; restart the counters from zero."""
         with self.table.settled():
             keys, _ = self.table.read()
             for k in keys:
                 self.table.take(k)
+        self.program.events.read()
         self._base = self.program.counters()
 
 
@@ -1338,9 +1343,10 @@ def test_cache_stays_off_when_a_cpu_is_outside_the_cpuset(program: FlowProgram) 
 
 
 def test_cpu_lists_read_as_the_kernel_writes_them() -> None:
-    assert cache.parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
-    assert cache.parse_cpu_list("0\n") == {0}
-    assert cache.online_cpus() >= os.sched_getaffinity(0)
+    assert cpus.parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert cpus.parse_cpu_list("0\n") == {0}
+    assert cpus.online_cpus() >= os.sched_getaffinity(0)
+    assert set(cpus.possible_cpus()) >= cpus.online_cpus()
 
 
 def test_disabling_the_cache_drains_it(cached: Kernel) -> None:
@@ -1354,3 +1360,91 @@ def test_disabling_the_cache_drains_it(cached: Kernel) -> None:
     assert undrained(cached, fkey)["packets"].tolist() == [6, 0]
     cached.run(pkt)
     assert undrained(cached, fkey)["packets"].tolist() == [7, 0]
+
+
+# --- new-flow event rings ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_rings() -> Iterator[Kernel]:
+    """A program whose rings hold 4 events per CPU (3 asked for, rounded up), so that
+    full rings and wrap-around take a few frames."""
+    prog = FlowProgram(CAPACITY, event_capacity=3)
+    try:
+        yield Kernel(prog)
+    finally:
+        prog.close()
+
+
+def new_flows(count: int, first: int = 0) -> list[tuple[bytes, Key]]:
+    """`count` UDP frames of distinct flows and their keys (the source port tells them
+    apart)."""
+    out = []
+    for port in range(1000 + first, 1000 + first + count):
+        frame = eth(ip4("10.0.0.1", "10.0.0.2", UDP, udp(port, 53)))
+        out.append((frame, key("10.0.0.1", "10.0.0.2", port, 53, UDP)[0]))
+    return out
+
+
+def test_event_slots_round_up_to_a_power_of_two() -> None:
+    assert [event_slots(n) for n in (1, 2, 3, 4, 5, 1024, 1025)] == [1, 2, 4, 4, 8, 1024, 2048]
+
+
+def test_one_event_per_new_flow_with_its_first_packet(kernel: Kernel) -> None:
+    flows = new_flows(5)
+    for frame, _ in flows:
+        for _ in range(3):  # later packets of a flow send nothing
+            kernel.run(frame)
+    events = kernel.program.events.read()
+    assert [key_of(ev["key"]) for ev in events] == [k for _, k in flows]
+    assert events["ip_len"].tolist() == [20 + 8] * 5
+    table = kernel.flows()
+    assert set(table) == {k for _, k in flows}
+    clock = kernel.program.clock  # events carry the table's raw time (jiffies)
+    assert clock is not None
+    ns = [clock.edge_ns + (int(ev["ts"]) - clock.edge_jiffies) * clock.tick_ns for ev in events]
+    assert ns == [int(table[k]["first_ns"]) for _, k in flows]
+    assert len(kernel.program.events.read()) == 0  # read once
+    kernel.assert_counters(packets=15, new_flows=5)
+
+
+def test_full_ring_drops_and_counts_and_recovers(small_rings: Kernel) -> None:
+    cpu = two_cpus()[0]
+    flows = new_flows(7)
+    run_on(small_rings, cpu, [frame for frame, _ in flows[:6]])
+    rings = small_rings.program.events
+    assert rings.pending() == 4
+    assert [key_of(ev["key"]) for ev in rings.read()] == [k for _, k in flows[:4]]
+    small_rings.assert_counters(packets=6, new_flows=6, events_dropped=2)
+    run_on(small_rings, cpu, [flows[6][0]])  # read: room again
+    assert [key_of(ev["key"]) for ev in rings.read()] == [flows[6][1]]
+    assert len(small_rings.flows()) == 7  # the table has every flow all the same
+    small_rings.clear()
+
+
+def test_rings_wrap_and_keep_each_cpus_order(small_rings: Kernel) -> None:
+    first, second = two_cpus()
+    rings = small_rings.program.events
+    sent = 0
+    for lap in range(6):  # 18 events on the first CPU's 4 slots, 12 on the second's
+        on_first, on_second = new_flows(3, sent), new_flows(2, sent + 3)
+        sent += 5
+        run_on(small_rings, first, [frame for frame, _ in on_first])
+        run_on(small_rings, second, [frame for frame, _ in on_second])
+        assert rings.pending() == 5
+        events = rings.read()
+        expected = [k for _, k in on_first] + [k for _, k in on_second]
+        if first > second:
+            expected = expected[3:] + expected[:3]
+        assert [key_of(ev["key"]) for ev in events] == expected, f"lap {lap}"
+    small_rings.assert_counters(packets=30, new_flows=30)
+    small_rings.clear()
+
+
+def test_event_rings_are_what_flow_c_declares(program: FlowProgram) -> None:
+    rings = program.events
+    assert rings.cpus == max(cpus.possible_cpus()) + 1
+    assert rings.slots == 1024
+    assert ctypes.sizeof(program.bpf[b"event_slots"].Leaf) == EVENT_BYTES
+    assert ctypes.sizeof(program.bpf[b"event_heads"].Leaf) == 64
+    assert program.event_bytes == rings.cpus * 1024 * EVENT_BYTES

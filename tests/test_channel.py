@@ -1,4 +1,5 @@
-"""Pipeline channels and stage shutdown: exact accounting, and stop() without idle waits."""
+"""Pipeline channels and stage shutdown: exact accounting, stop() without idle waits, and
+the sharding of new-flow events over workers."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
+
+from mermin_cli.engine.layout import EVENT_DTYPE
 from mermin_cli.metrics.registry import Metrics
 from mermin_cli.pipeline.channel import Channel
-from mermin_cli.pipeline.stages import IDLE_WAIT, Exporter
+from mermin_cli.pipeline.stages import IDLE_WAIT, Exporter, shard_of
 
 
 def test_full_channel_drops_and_counts() -> None:
@@ -61,3 +65,15 @@ def test_stage_stop_exports_everything_without_an_idle_wait() -> None:
     assert time.monotonic() - started < IDLE_WAIT / 2
     assert sink.records == list(range(10))
     assert not stage.is_alive()
+
+
+def test_events_shard_by_flow_key_alone() -> None:
+    events = np.zeros(4000, dtype=EVENT_DTYPE)
+    events["key"]["lo_port"] = np.arange(4000) % 1000  # each flow four times
+    events["key"]["ip_ver"] = 4
+    events["ip_len"] = np.arange(4000)  # differs: must not matter
+    events["ts"] = np.arange(4000) * 7
+    shards = shard_of(events, 4)
+    assert shards.shape == (4000,)
+    assert (shards[:1000] == shards[1000:2000]).all() and (shards[:1000] == shards[3000:]).all()
+    assert np.bincount(shards[:1000], minlength=4).min() >= 200  # 250 each on average

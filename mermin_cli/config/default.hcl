@@ -26,7 +26,7 @@ pipeline {
   flow_capture {
     # Entries of the in-kernel flow table; fixed when the programs are loaded.
     flow_stats_capacity = 16384
-    # Entries of the new-flow event ring buffer.
+    # New-flow events each CPU's ring holds (rounded up to a power of two).
     flow_events_capacity = 1024
   }
   flow_producer {

@@ -15,7 +15,7 @@ from mermin_cli.engine.attach import kernel_has_tcx, resolve_mode
 from mermin_cli.engine.compiler import kernel_version
 from mermin_cli.errors import MerminError
 
-MIN_KERNEL = (5, 8)  # BPF ring buffer (the new-flow events)
+MIN_KERNEL = (5, 8)  # the oldest kernel mermin supports
 MEMCG_KERNEL = (5, 11)  # BPF memory charged to the cgroup, not RLIMIT_MEMLOCK
 CAP_SYS_RESOURCE = 24
 CAPABILITIES = {
@@ -50,7 +50,7 @@ def _kernel(ctx: Context) -> Outcome:
     seen = f"Linux {release} ({platform.machine()})"
     if version < MIN_KERNEL:
         return failed(
-            f"{seen}: the flow program needs the BPF ring buffer of Linux 5.8+",
+            f"{seen}: mermin supports Linux 5.8 and newer",
             "upgrade the kernel to 5.8 or newer (6.6+ for TCX links)",
         )
     if ctx.options.attach_mode == "tcx" and not kernel_has_tcx():
@@ -190,7 +190,7 @@ def _bcc(ctx: Context) -> Outcome:
 
 CHECKS = (
     Check("env.privileges", "capabilities to load and attach eBPF programs", _privileges),
-    Check("env.kernel", "kernel version: ring buffer (5.8+), TCX (6.6+)", _kernel),
+    Check("env.kernel", "kernel version: 5.8+, TCX (6.6+)", _kernel),
     Check(
         "env.bpf_syscall",
         "bpf(2) loads a trivial SCHED_CLS program",

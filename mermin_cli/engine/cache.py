@@ -30,11 +30,10 @@ from pathlib import Path
 
 from mermin_cli.engine import bpfsys
 from mermin_cli.engine.clock import PROBE_FRAME
+from mermin_cli.engine.cpus import online_cpus, possible_cpus
 
 log = logging.getLogger("mermin.engine")
 
-ONLINE = Path("/sys/devices/system/cpu/online")
-POSSIBLE = Path("/sys/devices/system/cpu/possible")
 REALTIME = Path("/sys/kernel/realtime")
 ZERO_KEY = bytes(4)
 CACHE_SLOTS = 256  # bpf/flow.c
@@ -43,26 +42,6 @@ SLOT_COUNTS = struct.Struct("<QQQ")  # gen, packets[0], packets[1]
 SLOT_COUNTS_OFFSET = 48
 ABSORB_MAX = 32  # slots per run of mermin_cache_absorb
 FLUSH_CHUNK = 32  # slots per run of mermin_cache_flush
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    """CPUs of a kernel cpu list such as "0-3,8,10-11"."""
-    cpus: set[int] = set()
-    for part in text.strip().split(","):
-        if part:
-            first, _, last = part.partition("-")
-            cpus.update(range(int(first), int(last or first) + 1))
-    return cpus
-
-
-def online_cpus() -> set[int]:
-    """CPUs that can run a TC program right now."""
-    return parse_cpu_list(ONLINE.read_text())
-
-
-def possible_cpus() -> list[int]:
-    """Every CPU that can ever come online: the order of a per-CPU map's values."""
-    return sorted(parse_cpu_list(POSSIBLE.read_text()))
 
 
 class FlowCache:

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from mermin_cli.engine.cpus import possible_cpus
 from mermin_cli.engine.kernel_headers import HeaderTree, prepare_bcc_headers
 from mermin_cli.errors import MerminError
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mermin.engine")
 T = TypeVar("T")
 
-EVENT_BYTES = 56  # struct flow_event in bpf/flow.c (layout.EVENT_DTYPE checks it)
+EVENT_BYTES = 64  # struct flow_event in bpf/flow.c (layout.EVENT_DTYPE checks it)
 
 
 def kernel_version() -> tuple[int, int]:
@@ -52,10 +53,15 @@ def import_bcc() -> Any:
     return bcc
 
 
-def event_pages(capacity: int) -> int:
-    """Ring-buffer pages for `capacity` new-flow events (a power of two, as the kernel wants)."""
-    needed = -(-capacity * EVENT_BYTES // 4096)
-    return 1 << max(0, needed - 1).bit_length()
+def event_slots(capacity: int) -> int:
+    """Slots of each CPU's new-flow ring for `capacity` events (a power of two, at least
+    `capacity`: the kernel indexes a ring with a mask)."""
+    return 1 << max(0, capacity - 1).bit_length()
+
+
+def event_cpus() -> int:
+    """Rings to make: one per CPU number the kernel may ever hand out."""
+    return max(possible_cpus()) + 1
 
 
 def load_failed(exc: BaseException) -> MerminError:
@@ -86,7 +92,8 @@ NO_DEBUG_INFO = "-g0"
 
 
 def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compiled:
-    """Compile bpf/flow.c for a table of `max_flows` and a ring of `event_capacity` events."""
+    """Compile bpf/flow.c for a table of `max_flows` and rings of `event_capacity` events
+    per CPU."""
     started = time.monotonic()
     headers = prepare_bcc_headers()
     bcc = import_bcc()
@@ -96,7 +103,8 @@ def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compil
     cflags = [
         NO_DEBUG_INFO,
         f"-DMAX_FLOWS={max_flows}",
-        f"-DEVENT_PAGES={event_pages(event_capacity)}",
+        f"-DEVENT_SLOTS={event_slots(event_capacity)}",
+        f"-DEVENT_CPUS={event_cpus()}",
     ]
     if offline:
         cflags.append("-DOFFLINE_CLOCK")

@@ -65,7 +65,7 @@ COUNTERS = (
     "cache_lost",
 )
 
-EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts", "<u8")])
+EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts", "<u8"), ("pad", "<u8")])
 
 PROGRAMS = {
     # l3 device? -> function name in bpf/flow.c (one program serves both hooks)

@@ -12,12 +12,15 @@ from mermin_cli.engine import layout
 from mermin_cli.engine.cache import FlowCache
 from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.compiler import (
+    EVENT_BYTES,
     Compiled,
     compile_flow_c,
-    event_pages,
+    event_cpus,
+    event_slots,
     import_bcc,
     load_failed,
 )
+from mermin_cli.engine.events import EventRings
 from mermin_cli.errors import MerminError
 
 log = logging.getLogger("mermin.engine")
@@ -35,7 +38,6 @@ class FlowProgram:
     ) -> None:
         """Compile (unless `compiled` is that of the same arguments) and load the program."""
         self.max_flows = max_flows
-        self.event_bytes = event_pages(event_capacity) * 4096
         self.offline = offline
         compiled = compiled or compile_flow_c(max_flows, event_capacity, offline)
         started = time.monotonic()
@@ -75,6 +77,14 @@ class FlowProgram:
                 self.bpf[b"cache_gen"].map_fd,
                 self.bpf[b"flow_cache"].map_fd,
             )
+        self.events = EventRings(
+            self.bpf[b"event_slots"].map_fd,
+            self.bpf[b"event_heads"].map_fd,
+            self.bpf[b"event_tails"].map_fd,
+            event_cpus(),
+            event_slots(event_capacity),
+        )
+        self.event_bytes = self.events.cpus * self.events.slots * EVENT_BYTES
         self._counters = self.bpf[b"counters"]
         key_size = ctypes.sizeof(self.flows.Key)
         value_size = ctypes.sizeof(self.flows.Leaf)
@@ -112,4 +122,5 @@ class FlowProgram:
         return {name: self.counter(name) for name in layout.COUNTERS}
 
     def close(self) -> None:
+        self.events.close()
         self.bpf.cleanup()

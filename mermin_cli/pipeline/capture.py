@@ -138,7 +138,7 @@ class Capture:
             metrics.method.labels(attachment=attacher.mode).set(1)
             producer = cfg.pipeline.flow_producer
             pipeline = Pipeline(
-                program.bpf,
+                program.events,
                 tracker,
                 metrics,
                 workers=producer.workers,

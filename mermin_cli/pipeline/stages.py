@@ -1,6 +1,6 @@
 """The user-space stages of a capture, each a thread joined to the next by a Channel.
 
-    kernel ring buffer ─► EventReader ─► worker channels ─► Workers (flow creation, filters)
+    kernel event rings ─► EventReader ─► worker channels ─► Workers (flow creation, filters)
     kernel flow table ─► poller (capture loop, FlowTracker.poll) ─► span channel
       ─► Decorator (hostnames, ...) ─► decorated channel ─► Exporter (stdout, OTLP, ...)
 
@@ -11,7 +11,6 @@ flush waits for room, because records must not be lost on a clean exit.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -20,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from mermin_cli.engine.layout import EVENT_DTYPE
+from mermin_cli.engine.events import EventRings
+from mermin_cli.engine.layout import KEY_DTYPE
 from mermin_cli.export.sink import Sink
 from mermin_cli.flows.record import FlowRecord
 from mermin_cli.flows.tracker import FlowTracker
@@ -31,8 +31,8 @@ log = logging.getLogger("mermin.pipeline")
 
 BATCH = 1024  # items a stage takes from its channel at once
 IDLE_WAIT = 1.0  # seconds a stage waits for work (stop() ends the wait at once)
-# The ring buffer is read every 20 ms while events come, backing off to 100 ms when idle
-# (a wake-up costs ~0.1 ms of Python); it holds flow_events_capacity events meanwhile.
+# The rings are read every 20 ms while events come, backing off to 100 ms when idle (a
+# wake-up costs ~0.1 ms of Python); each CPU's holds flow_events_capacity events meanwhile.
 RINGBUF_WAIT = (0.02, 0.1)
 
 
@@ -68,32 +68,25 @@ class Stage(threading.Thread):
 
 
 class EventReader(Stage):
-    """Ring-buffer stage: new-flow events from the kernel, dispatched to worker channels."""
+    """Ring stage: new-flow events from the kernel's per-CPU rings, dispatched to worker
+    channels (the same flow always to the same worker)."""
 
-    def __init__(self, bpf: Any, workers: Sequence[Channel[bytes]], metrics: Metrics) -> None:
+    def __init__(self, rings: EventRings, workers: Sequence[Channel[np.void]],
+                 metrics: Metrics) -> None:  # fmt: skip
         super().__init__("ringbuf")
-        self.bpf = bpf
+        self.rings = rings
         self.workers = workers
         self.metrics = metrics
         self.received = 0
         self.dispatched = 0
         self.dropped = 0
-        self._pending: list[bytes] = []
         self._wait = RINGBUF_WAIT[0]
 
-        def on_event(_ctx: Any, data: int, size: int) -> int:
-            self._pending.append(ctypes.string_at(data, size))
-            return 0
-
-        self._callback = on_event  # BCC keeps only a weak reference to the callback
-        bpf[b"flow_events"].open_ring_buffer(on_event)
-
     def step(self) -> int:
-        # The kernel sets no wake-ups (a wake-up per new flow would cost more than it
-        # saves): read at a cadence while idle, back to back while events keep coming.
-        self.bpf.ring_buffer_consume()
-        events, self._pending = self._pending, []
-        if not events:
+        # The rings wake nobody (a wake-up per new flow would cost more than it saves):
+        # read at a cadence while idle, back to back while events keep coming.
+        events = self.rings.read()
+        if not len(events):
             if not self.stopping.is_set():
                 time.sleep(self._wait)
                 self._wait = min(2 * self._wait, RINGBUF_WAIT[1])
@@ -101,11 +94,10 @@ class EventReader(Stage):
         self._wait = RINGBUF_WAIT[0]
         self.received += len(events)
         self.metrics.ringbuf_packets.labels(type="received").inc(len(events))
-        self.metrics.ringbuf_bytes.inc(sum(len(e) for e in events))
-        shards: list[list[bytes]] = [[] for _ in self.workers]
-        for ev in events:
-            shards[hash(ev[: EVENT_DTYPE["key"].itemsize]) % len(shards)].append(ev)
-        for channel, batch in zip(self.workers, shards, strict=True):
+        self.metrics.ringbuf_bytes.inc(events.nbytes)
+        shards = shard_of(events, len(self.workers))
+        for i, channel in enumerate(self.workers):
+            batch = list(events[shards == i])
             if batch:
                 accepted = channel.put_many(batch)
                 self.dispatched += accepted
@@ -114,10 +106,17 @@ class EventReader(Stage):
         return len(events)
 
 
+def shard_of(events: np.ndarray, shards: int) -> np.ndarray:
+    """A shard per event from its flow key alone (a multiplicative hash of its words)."""
+    words = events.view("<u4").reshape(len(events), -1)[:, : KEY_DTYPE.itemsize // 4]
+    mixed = np.bitwise_xor.reduce(words, axis=1) * np.uint32(0x9E3779B1)
+    return (mixed >> 16) % shards
+
+
 class Worker(Stage):
     """Worker stage: turns new-flow events into tracked flows (orientation, filters)."""
 
-    def __init__(self, idx: int, channel: Channel[bytes], tracker: FlowTracker, metrics: Metrics,
+    def __init__(self, idx: int, channel: Channel[np.void], tracker: FlowTracker, metrics: Metrics,
                  interface_name: Callable[[int], str | None]) -> None:  # fmt: skip
         super().__init__(f"worker-{idx}", channel)
         self.channel = channel
@@ -129,8 +128,7 @@ class Worker(Stage):
     def step(self) -> int:
         events = self.channel.get_many(BATCH, IDLE_WAIT)
         started = time.perf_counter()
-        for raw in events:
-            ev = np.frombuffer(raw, dtype=EVENT_DTYPE)[0]
+        for ev in events:
             outcome = self.tracker.adopt(ev["key"])
             self.outcomes[outcome] += 1
             if outcome == "created":
@@ -207,7 +205,7 @@ class Pipeline:
 
     def __init__(
         self,
-        bpf: Any,
+        events: EventRings,
         tracker: FlowTracker,
         metrics: Metrics,
         *,
@@ -220,12 +218,12 @@ class Pipeline:
         sinks: Sequence[Sink],
     ) -> None:
         self.metrics = metrics
-        self.worker_channels: list[Channel[bytes]] = [
+        self.worker_channels: list[Channel[np.void]] = [
             Channel(f"worker_{i}", worker_queue) for i in range(workers)
         ]
         self.spans: Channel[FlowRecord] = Channel("flow_span", span_queue)
         self.decorated: Channel[FlowRecord] = Channel("decorated_span", decorated_queue)
-        self.reader = EventReader(bpf, self.worker_channels, metrics)
+        self.reader = EventReader(events, self.worker_channels, metrics)
         self.workers = [
             Worker(i, ch, tracker, metrics, interface_name)
             for i, ch in enumerate(self.worker_channels)

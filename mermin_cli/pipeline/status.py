@@ -14,6 +14,7 @@ import numpy as np
 
 from mermin_cli import __version__
 from mermin_cli.engine.attach import Attacher
+from mermin_cli.engine.compiler import EVENT_BYTES
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.flows import names
 from mermin_cli.flows.tracker import FlowTracker, tcp_state
@@ -58,7 +59,9 @@ class RunState:
         capacity = self.program.max_flows
         m.map_size.labels(map="FLOW_STATS").set(self.tracker.table_size)
         m.map_capacity.labels(map="FLOW_STATS").set(capacity)
-        m.map_capacity.labels(map="FLOW_EVENTS").set(self.program.event_bytes)  # bytes
+        events = self.program.events
+        m.map_size.labels(map="FLOW_EVENTS").set(events.pending() * EVENT_BYTES)  # bytes
+        m.map_capacity.labels(map="FLOW_EVENTS").set(self.program.event_bytes)
         m.map_capacity.labels(map="FILTERED_FLOWS").set(capacity)
         m.store_size.labels(poller_id="0").set(len(self.tracker.flows))
         m.poller_queue.labels(poller_id="0").set(0)  # the poller hands on a poll at once

@@ -1,0 +1,66 @@
+"""User space's half of the new-flow event rings in bpf/flow.c.
+
+Each CPU has a ring of `slots` events in the mmapable `event_slots` array; the kernel
+advances the CPU's head in `event_heads` after writing a slot, and drops (and counts) an
+event when the ring holds `slots` unread ones. `read()` takes every CPU's new events
+through mmap, without a system call, then moves the CPU's tail in `event_tails` to its
+head, which frees the slots. The kernel alone writes heads and slots, this module alone
+writes tails.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+from mermin_cli.engine.layout import EVENT_DTYPE
+
+POS_STRIDE = 8  # struct event_pos: one u64 and seven of padding (a cache line)
+EMPTY = np.empty(0, dtype=EVENT_DTYPE)
+
+
+def _map(fd: int, size: int, writable: bool = False) -> mmap.mmap:
+    """Shared mapping of an mmapable array map's values (`size` bytes, page-rounded)."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    return mmap.mmap(fd, length, mmap.MAP_SHARED, prot)
+
+
+class EventRings:
+    """The per-CPU new-flow rings of a loaded flow program."""
+
+    def __init__(self, slots_fd: int, heads_fd: int, tails_fd: int, cpus: int, slots: int):
+        """The `event_slots`, `event_heads` and `event_tails` maps; `cpus` rings of `slots`
+        events each (a power of two)."""
+        self.cpus, self.slots = cpus, slots
+        pos_bytes = cpus * POS_STRIDE * 8
+        self._maps = [
+            _map(slots_fd, cpus * slots * EVENT_DTYPE.itemsize),
+            _map(heads_fd, pos_bytes),
+            _map(tails_fd, pos_bytes, writable=True),
+        ]
+        events, heads, tails = self._maps
+        self._events = np.frombuffer(events, EVENT_DTYPE, cpus * slots).reshape(cpus, slots)
+        self._heads = np.frombuffer(heads, "<u8", cpus * POS_STRIDE)[::POS_STRIDE]
+        self._tails = np.frombuffer(tails, "<u8", cpus * POS_STRIDE)[::POS_STRIDE]
+
+    def read(self) -> np.ndarray:
+        """Every event written since the last read, CPU by CPU, each CPU's in order."""
+        heads = self._heads.copy()  # the heads first: the slots below them are written
+        parts = []
+        for cpu in np.flatnonzero(heads != self._tails):
+            head, tail = int(heads[cpu]), int(self._tails[cpu])
+            parts.append(self._events[cpu, np.arange(tail, head) & (self.slots - 1)])
+            self._tails[cpu] = head  # after the copy: the kernel may now reuse the slots
+        return np.concatenate(parts) if parts else EMPTY
+
+    def pending(self) -> int:
+        """Events written and not yet read, over all CPUs."""
+        return int((self._heads - self._tails).sum())
+
+    def close(self) -> None:
+        """Unmap the rings (the views go first: a mapping with live views cannot close)."""
+        del self._events, self._heads, self._tails
+        for mapping in self._maps:
+            mapping.close()
