@@ -151,6 +151,82 @@ def run_ns(prog_fd: int, frame: bytes, repeat: int) -> int:
     return result.duration_ns
 
 
+class BenchModule:
+    """flow.c (or a variant of it) compiled with the bench entry points, for one table
+    capacity: fills half its table with new flows, `chunks` test-run calls per fill."""
+
+    def __init__(self, source: bytes, capacity: int, chunks: int) -> None:
+        bcc = import_bcc()
+        self.chunks = chunks
+        self.per_call = capacity // 2 // chunks
+        slots = event_slots(self.per_call)
+        cflags = [
+            NO_DEBUG_INFO,
+            f"-DMAX_FLOWS={capacity}",
+            f"-DEVENT_SLOTS={slots}",
+            f"-DEVENT_CPUS={event_cpus()}",
+            "-DEVENT_PAGES=64",  # variants from before the per-CPU rings (a BPF ring buffer)
+        ]
+        self.bpf = bcc.BPF(text=source + BENCH_ENTRY_POINTS, cflags=cflags)
+        self.rings: EventRings | None = None
+        if b"event_slots" in source:
+            maps = ("event_slots", "event_heads", "event_tails")
+            fds = (self.bpf[name].map_fd for name in maps)
+            self.rings = EventRings(*fds, event_cpus(), slots)
+        else:
+            self._events = 0
+            self.bpf["flow_events"].open_ring_buffer(self._count_event)
+        new_cache_generation(self.bpf)
+        self.fds = {
+            name: self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
+            for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
+        }
+
+    def _count_event(self, _ctx: Any, _data: Any, _size: int) -> int:
+        self._events += 1
+        return 0
+
+    def read_events(self) -> int:
+        """Take the new-flow events out, as a capture does; how many there were."""
+        if self.rings is not None:
+            return len(self.rings.read())
+        before = self._events
+        self.bpf.ring_buffer_consume()
+        return self._events - before
+
+    def new_flows(self) -> float:
+        """Empty the table, then the median ns of the calls that fill half of it."""
+        self.bpf["flows"].clear()
+        new_cache_generation(self.bpf)
+        return self._fill(new=True)
+
+    def spread_hits(self) -> float:
+        """The same calls again: each run a hit on another flow of the last fill."""
+        return self._fill(new=False)
+
+    def _fill(self, new: bool) -> float:
+        self.read_events()
+        calls = []
+        tcp = hit_frames()["ipv4_tcp"]
+        for i in range(self.chunks):
+            frame = bytearray(tcp)
+            frame[NEW_FLOW_CHUNK_BYTE] = i  # a /16 of its own: every run a new flow
+            calls.append(run_ns(self.fds["bench_new_flow"], bytes(frame), self.per_call))
+            events = self.read_events()
+            if new and events != self.per_call:
+                raise RuntimeError(f"{events} new-flow events arrived for one call")
+        return statistics.median(calls)
+
+    def write_only(self, repeat: int) -> float:
+        """ns of the bench wrapper's address bump alone (subtracted from its runs)."""
+        return run_ns(self.fds["bench_write_only"], hit_frames()["ipv4_tcp"], repeat)
+
+    def close(self) -> None:
+        if self.rings is not None:
+            self.rings.close()
+        self.bpf.cleanup()
+
+
 def load_times(count: int, max_flows: int) -> list[float]:
     """Wall-clock seconds of `count` FlowProgram compile + load cycles."""
     times = []
@@ -178,53 +254,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         cleanup.callback(empty_bpf.cleanup)
         empty_fd = empty_bpf.load_func(b"empty", bcc.BPF.SCHED_CLS).fd
         flow_fd = prog.prog_fd(l3=False)
-        benches: dict[int, tuple[Any, dict[str, int], EventRings]] = {}
+        benches: dict[int, BenchModule] = {}
         for capacity in capacities:
-            per_call = capacity // 2 // args.chunks
-            cflags = [
-                NO_DEBUG_INFO,
-                f"-DMAX_FLOWS={capacity}",
-                f"-DEVENT_SLOTS={event_slots(per_call)}",
-                f"-DEVENT_CPUS={event_cpus()}",
-            ]
-            bench = bcc.BPF(text=source.read_bytes() + BENCH_ENTRY_POINTS, cflags=cflags)
-            cleanup.callback(bench.cleanup)
-            rings = EventRings(
-                *(bench[name].map_fd for name in ("event_slots", "event_heads", "event_tails")),
-                event_cpus(),
-                event_slots(per_call),
-            )
-            cleanup.callback(rings.close)
-            new_cache_generation(bench)
-            fds = {
-                name: bench.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
-                for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
-            }
-            benches[capacity] = (bench, fds, rings)
+            benches[capacity] = BenchModule(source.read_bytes(), capacity, args.chunks)
+            cleanup.callback(benches[capacity].close)
         for frame in frames.values():
             run_ns(flow_fd, frame, 2)  # create the flows and take a cache slot: then hits
-        fds = benches[args.capacity][1]
+        fds = benches[args.capacity].fds
         run_ns(fds["bench_hit_write"], tcp, 1)
-
-        def half_fill(capacity: int, empty_first: bool) -> float:
-            """Median ns of the calls that fill half the table (new flows when it was
-            emptied first, else hits on the flows the last fill left)."""
-            bench, fds, rings = benches[capacity]
-            if empty_first:
-                bench["flows"].clear()
-                new_cache_generation(bench)
-            rings.read()
-            calls = []
-            for i in range(args.chunks):
-                frame = bytearray(tcp)
-                frame[NEW_FLOW_CHUNK_BYTE] = i  # a /16 of its own: every run a new flow
-                calls.append(
-                    run_ns(fds["bench_new_flow"], bytes(frame), capacity // 2 // args.chunks)
-                )
-                events = len(rings.read())
-                if empty_first and events != capacity // 2 // args.chunks:
-                    raise RuntimeError(f"{events} new-flow events arrived for one call")
-            return statistics.median(calls)
 
         empty = lambda: run_ns(empty_fd, tcp, args.repeat)  # noqa: E731
 
@@ -246,16 +283,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         # One table at a time, as in a capture: filling the other table between samples
         # would evict this one's lines from the caches.
         for capacity in capacities:
-            timed[f"write_only {capacity}"] = lambda: run_ns(
-                fds["bench_write_only"], tcp, args.repeat
-            )
+            timed[f"write_only {capacity}"] = lambda c=capacity: benches[c].write_only(args.repeat)
             # each fill right before the spread hits that use it
-            timed[f"new {capacity}"] = lambda c=capacity: half_fill(c, empty_first=True)
-            timed[f"spread {capacity}"] = lambda c=capacity: half_fill(c, empty_first=False)
+            timed[f"new {capacity}"] = benches[capacity].new_flows
+            timed[f"spread {capacity}"] = benches[capacity].spread_hits
             samples |= session(timed)
             timed = {}
-        for capacity, (bench, _, _) in benches.items():
-            inserted, expected = len(bench["flows"]), capacity // 2 // args.chunks * args.chunks
+        for module in benches.values():
+            inserted, expected = len(module.bpf["flows"]), module.per_call * args.chunks
             if inserted != expected:
                 raise RuntimeError(f"{inserted} of {expected} bench runs inserted a flow")
 
