@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import struct
@@ -39,6 +40,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
+@functools.cache
 def syscall_number() -> int:
     """Number of the bpf(2) system call on this architecture."""
     nr = _SYS_BPF.get(platform.machine())
@@ -251,15 +253,14 @@ def _map_op(
     return value.raw if _found(cmd, _map_attr(map_fd, key, value)) else None
 
 
+_MAP_ATTR = struct.Struct("<I4xQQ8x")  # map_fd, key, value, flags: one pack per lookup
+
+
 def _map_attr(
     map_fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char]
 ) -> ctypes.Array[ctypes.c_char]:
-    return _attr(
-        32,
-        (0, "I", map_fd),
-        (8, "Q", ctypes.addressof(key)),
-        (16, "Q", ctypes.addressof(value)),
-    )
+    packed = _MAP_ATTR.pack(map_fd, ctypes.addressof(key), ctypes.addressof(value))
+    return ctypes.create_string_buffer(packed, len(packed))
 
 
 BPF_PROG_LOAD = 5

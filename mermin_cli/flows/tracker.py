@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from mermin_cli.engine.layout import DIR_NONE, FLOW_F_FRAGMENT
+from mermin_cli.engine.layout import DIR_NONE, FLOW_F_FRAGMENT, KEY_DTYPE, STATS_DTYPE
 from mermin_cli.flows import names
 from mermin_cli.flows.community_id import community_id
 from mermin_cli.flows.direction import LocalHost, initiator_dir, span_kind
@@ -79,6 +80,16 @@ class FlowState:
 
 def _addr(raw: bytes, ip_ver: int) -> bytes:
     return raw[:4] if ip_ver == 4 else raw
+
+
+# What _new_state reads, decoded with one struct call per row: it runs once per adopted
+# flow, and a dozen numpy field accesses cost about as much as the table lookup before it.
+_KEY = struct.Struct("<16s16sHH4xBB")  # lo/hi addr, lo/hi port, (ifindex), proto, ip_ver
+_FIRST = struct.Struct("<2xBxBB6x4B")  # first/syn/synack dir, icmp_type[2] + icmp_code[2]
+_FIRST_OFFSET = STATS_DTYPE.fields["tcp_flags"][1]
+_FIRST_NS = struct.Struct("<Q")
+assert KEY_DTYPE.fields["proto"][1] == 40 and _KEY.size == KEY_DTYPE.itemsize - 2
+assert STATS_DTYPE.fields["icmp_code"][1] == _FIRST_OFFSET + _FIRST.size - 2
 
 
 class Clock(Protocol):
@@ -309,29 +320,21 @@ class FlowTracker:
 
     def _new_state(self, key: np.void, stats: np.void) -> FlowState:
         """Orientation, kind and Community ID, decided once; filters applied once."""
-        ip_ver, proto = int(key["ip_ver"]), int(key["proto"])
-        lo = _addr(key["lo_addr"].tobytes(), ip_ver)
-        hi = _addr(key["hi_addr"].tobytes(), ip_ver)
-        ports = (int(key["lo_port"]), int(key["hi_port"]))
-        first_dir = int(stats["first_dir"])
+        lo_raw, hi_raw, lo_port, hi_port, proto, ip_ver = _KEY.unpack_from(key.tobytes())
+        lo, hi = _addr(lo_raw, ip_ver), _addr(hi_raw, ip_ver)
+        ports = (lo_port, hi_port)
+        raw = stats.tobytes()
+        first_dir, syn_dir, synack_dir, *icmp = _FIRST.unpack_from(raw, _FIRST_OFFSET)
+        icmp_type, icmp_code = icmp[first_dir], icmp[2 + first_dir]
         fwd = initiator_dir(
-            proto,
-            ip_ver,
-            ports,
-            (lo, hi),
-            first_dir,
-            int(stats["syn_dir"]),
-            int(stats["synack_dir"]),
-            int(stats["icmp_type"][first_dir]),
-            self.host,
+            proto, ip_ver, ports, (lo, hi), first_dir, syn_dir, synack_dir, icmp_type, self.host
         )
         src, dst = (lo, hi) if fwd == 0 else (hi, lo)
         seed = self.span.community_id_seed
         if proto in ICMP:
             # Community ID hashes the first packet as it was sent (one-way types keep order).
             sender = (lo, hi) if first_dir == 0 else (hi, lo)
-            t, c = int(stats["icmp_type"][first_dir]), int(stats["icmp_code"][first_dir])
-            cid = community_id(proto, *sender, t, c, seed)
+            cid = community_id(proto, *sender, icmp_type, icmp_code, seed)
         elif proto in PORTED:
             sport, dport = (ports[0], ports[1]) if fwd == 0 else (ports[1], ports[0])
             cid = community_id(proto, src, dst, sport, dport, seed)
@@ -341,7 +344,7 @@ class FlowTracker:
             fwd=fwd,
             kind=span_kind(src, dst, self.host),
             community_id=cid,
-            first_ns=int(stats["first_ns"]),
+            first_ns=_FIRST_NS.unpack_from(raw, STATS_DTYPE.fields["first_ns"][1])[0],
         )
         if self.flow_filter and not self.flow_filter.allows(
             {**self.static_attributes(key, stats, state), **_dynamic_attributes(key, stats, fwd)}
