@@ -61,6 +61,8 @@ class EventRings:
 
     def close(self) -> None:
         """Unmap the rings (the views go first: a mapping with live views cannot close)."""
-        del self._events, self._heads, self._tails
-        for mapping in self._maps:
-            mapping.close()
+        if self._maps:
+            del self._events, self._heads, self._tails
+            for mapping in self._maps:
+                mapping.close()
+            self._maps = []
