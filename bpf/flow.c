@@ -185,9 +185,16 @@ BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
  * written from both sides. A full ring drops the event and counts it, as before. */
 struct flow_event {
     struct flow_key key;
-    __u32 ip_len;   /* IP bytes of the first packet */
-    __u64 ts;       /* table_time() of the first packet */
-    __u64 pad;      /* 64 bytes: one cache line per event */
+    __u32 ip_len;       /* IP bytes of the first packet */
+    __u64 ts;           /* table_time() of the first packet */
+    /* The entry's fields user space needs to adopt the flow (orientation, Community ID),
+     * as the first packet set them: adopting then costs no table lookup. */
+    __u8  first_dir;
+    __u8  syn_dir;
+    __u8  synack_dir;
+    __u8  icmp_type;    /* of the first packet's direction */
+    __u8  icmp_code;
+    __u8  pad[3];       /* 64 bytes: one cache line per event */
 };
 struct event_pos {
     __u64 pos;      /* events written (heads) or read (tails) on this CPU, ever */
@@ -509,7 +516,7 @@ static __always_inline void update(struct flow_stats *s, struct pkt *p, __u8 dir
  * end on one CPU (softirq, no migration), so the CPU's ring has one writer at a time.
  * (PREEMPT_RT can interleave two: an event may then be lost or repeated, and a head that
  * went back is mended by the next read, which sets the tail to it: hints either way.) */
-static __always_inline int emit_event(struct pkt *p, __u64 now)
+static __always_inline int emit_event(struct pkt *p, const struct flow_stats *first)
 {
     __u32 cpu = bpf_get_smp_processor_id();
     struct event_pos *head = event_heads.lookup(&cpu);
@@ -525,10 +532,16 @@ static __always_inline int emit_event(struct pkt *p, __u64 now)
         return 0;
     ev->key = p->key;
     ev->ip_len = p->ip_len;
-    ev->ts = now;
+    ev->ts = first->first_ns;
+    ev->first_dir = first->first_dir;
+    ev->syn_dir = first->syn_dir;
+    ev->synack_dir = first->synack_dir;
+    ev->icmp_type = p->icmp_type;
+    ev->icmp_code = p->icmp_code;
     /* Plain stores, no lock: on x86 (TSO) the slot is visible before the new head. A
-     * weakly ordered CPU could show the head first; the reader then reads a stale key,
-     * which adopt() looks up in the table and finds gone: latency, never data. */
+     * weakly ordered CPU could show the head first, and the reader would take the slot's
+     * previous event: an event is a hint (the table holds the counts), so at worst a
+     * flow is adopted late or a closed one is remembered, never a count changed. */
     head->pos = pos + 1;
     return 1;
 }
@@ -563,7 +576,7 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     int err = flows.insert(&p->key, &init);
     if (err == 0) {
         count(CTR_NEW_FLOWS, 1);
-        if (!emit_event(p, now))
+        if (!emit_event(p, &init))
             count(CTR_EVENTS_DROPPED, 1);
         return;
     }

@@ -45,6 +45,7 @@ from mermin_cli.engine.compiler import EVENT_BYTES, event_slots
 from mermin_cli.engine.layout import COUNTERS, DIR_NONE, FLOW_F_FRAGMENT, HOOK_EGRESS, STATS_DTYPE
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.flows.table import FlowTable
+from mermin_cli.flows.tracker import first_of_event, first_of_stats
 
 try:  # tests/ as a package, or (default) as a plain directory on sys.path
     from . import netns  # type: ignore[import-not-found]
@@ -943,6 +944,7 @@ from mermin_cli.discovery.interfaces import list_interfaces
 from mermin_cli.engine.attach import Attacher
 from mermin_cli.engine.program import FlowProgram
 from mermin_cli.flows.table import FlowTable
+from mermin_cli.flows.tracker import first_of_event, first_of_stats
 program = FlowProgram(1024)
 attacher = Attacher(program, "MODE")
 attacher.attach(next(i for i in list_interfaces() if i.name == "IFNAME"))
@@ -1400,12 +1402,32 @@ def test_one_event_per_new_flow_with_its_first_packet(kernel: Kernel) -> None:
     assert events["ip_len"].tolist() == [20 + 8] * 5
     table = kernel.flows()
     assert set(table) == {k for _, k in flows}
-    clock = kernel.program.clock  # events carry the table's raw time (jiffies)
-    assert clock is not None
-    ns = [clock.edge_ns + (int(ev["ts"]) - clock.edge_jiffies) * clock.tick_ns for ev in events]
-    assert ns == [int(table[k]["first_ns"]) for _, k in flows]
+    # in ns, converted from jiffies by the same clock as the table's times
+    assert events["ts"].tolist() == [int(table[k]["first_ns"]) for _, k in flows]
     assert len(kernel.program.events.read()) == 0  # read once
     kernel.assert_counters(packets=15, new_flows=5)
+
+
+def test_events_carry_the_entries_first_packet_fields(kernel: Kernel) -> None:
+    frames = [
+        eth(ip4("10.0.0.1", "10.0.0.2", TCP, tcp(40000, 80, SYN))),  # SYN, dir 0
+        eth(ip4("10.0.0.4", "10.0.0.3", TCP, tcp(80, 40001, SYN | ACK))),  # SYN-ACK, dir 1
+        eth(ip4("10.0.0.6", "10.0.0.5", ICMP, icmp_echo(0, 7))),  # echo reply, dir 1
+        eth(ip4("10.0.0.7", "10.0.0.8", ICMP, icmp(3, 3, bytes(4) + bytes(28)))),  # error
+        eth(ip4("10.0.0.10", "10.0.0.9", UDP, udp(5353, 53))),  # dir 1
+    ]
+    for frame in frames:
+        kernel.run(frame)
+    events = kernel.program.events.read()
+    table = kernel.flows()
+    assert len(events) == len(frames) == len(table)
+    for ev in events:
+        stats = table[key_of(ev["key"])]
+        assert first_of_event(ev) == first_of_stats(stats)
+    firsts = [first_of_event(ev) for ev in events]
+    assert [f.first_dir for f in firsts] == [0, 1, 1, 0, 1]
+    assert (firsts[0].syn_dir, firsts[1].synack_dir) == (0, 1)
+    assert [(f.icmp_type, f.icmp_code) for f in firsts[2:4]] == [(0, 0), (3, 3)]
 
 
 def test_full_ring_drops_and_counts_and_recovers(small_rings: Kernel) -> None:

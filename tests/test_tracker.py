@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from mermin_cli.config.schema import SpanConfig
-from mermin_cli.engine.layout import DIR_NONE, KEY_DTYPE, STATS_DTYPE
+from mermin_cli.engine.layout import DIR_NONE, EVENT_DTYPE, KEY_DTYPE, STATS_DTYPE
 from mermin_cli.flows.direction import LocalHost
-from mermin_cli.flows.tracker import FlowTracker
+from mermin_cli.flows.tracker import FlowTracker, first_of_event, first_of_stats
 
 try:
     from . import netns  # type: ignore[import-not-found]
@@ -82,6 +82,17 @@ def make_stats(
     s["meta_seen"] = 3
     s["icmp_type"] = icmp
     return s
+
+
+def make_event(key: np.void, stats: np.void) -> np.void:
+    """The new-flow event the kernel sends with an entry (times already in ns)."""
+    ev = np.zeros(1, dtype=EVENT_DTYPE)[0]
+    ev["key"], ev["ts"] = key, stats["first_ns"]
+    d = int(stats["first_dir"])
+    for name in ("first_dir", "syn_dir", "synack_dir"):
+        ev[name] = stats[name]
+    ev["icmp_type"], ev["icmp_code"] = stats["icmp_type"][d], stats["icmp_code"][d]
+    return ev
 
 
 def tracker(table: FakeTable, **span: float) -> FlowTracker:
@@ -255,3 +266,40 @@ def test_listening_ports_are_those_of_the_namespace(link: netns.Link) -> None:
     link.a.run("ip", "link", "set", "lo", "up")
     diag, proc = json.loads(link.a.exec_python(LISTENERS))
     assert diag == proc == [8080, 9443]
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        make_stats((1, 0), 3, 3, flags=(SYN, 0), syn_dir=0),
+        make_stats((0, 1), 3, 3, flags=(0, SYN | ACK), first_dir=1, synack_dir=1),
+        make_stats((1, 1), 3, 4, first_dir=1, icmp=(0, 8)),
+    ],
+)
+def test_event_and_entry_tell_the_same_first_packet(stats: np.void) -> None:
+    stats["icmp_code"] = (3, 5)
+    assert first_of_event(make_event(make_key(1, 9, 9), stats)) == first_of_stats(stats)
+
+
+def test_adopting_from_events_matches_the_table_and_closed_flows_stay_gone() -> None:
+    table = FakeTable()  # no lookup(): adopting from an event must not need the table
+    t = tracker(table, icmp_timeout=10)
+    key = make_key(1, 9, 9)
+    stats = make_stats((1, 1), 0, 1, first_dir=0, icmp=(0, 8))  # reply seen first
+    table.put(key, stats)
+    event = make_event(key, stats)
+    assert t.adopt(event) == "created"
+    assert t.adopt(event) == "known"
+    adopted = t.flows[key.tobytes()]
+    closed = t.poll(now_ns=20 * S)
+    assert reasons(closed) == ["idle_timeout"]
+    assert t.adopt(event) == "gone"  # its event came late: the flow is closed, not reopened
+    assert t.flows == {}
+    polled = tracker(FakeTable())  # the same entry, seen first at a poll
+    polled.table.put(key, stats)
+    from_table = polled.flush()[0]
+    assert adopted.community_id == from_table.attributes["flow.community_id"]
+    assert closed[0].attributes["source.address"] == from_table.attributes["source.address"] == B
+    again = make_stats((1, 0), 30, 30, first_dir=0, icmp=(8, 0))  # the key starts anew
+    table.put(key, again)
+    assert t.adopt(make_event(key, again)) == "created"

@@ -69,8 +69,11 @@ class TickClock:
     def to_ns(self, vals: np.ndarray) -> None:
         """Rewrite first/last-seen of stats rows from jiffies to ns, in place."""
         for field in TIME_FIELDS:
-            ns = self._base + vals[field].astype(np.int64) * self.tick_ns
-            vals[field] = ns.astype(np.uint64)
+            vals[field] = self.ticks_to_ns(vals[field])
+
+    def ticks_to_ns(self, ticks: np.ndarray) -> np.ndarray:
+        """Times in jiffies (an array) as ns."""
+        return (self._base + ticks.astype(np.int64) * self.tick_ns).astype(np.uint64)
 
     def raw_to_ns(self, raw: bytearray) -> None:
         """The same for one stats row as raw bytes: two struct calls, where numpy's

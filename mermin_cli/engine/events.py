@@ -14,6 +14,7 @@ import mmap
 
 import numpy as np
 
+from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.layout import EVENT_DTYPE
 
 POS_STRIDE = 8  # struct event_pos: one u64 and seven of padding (a cache line)
@@ -30,10 +31,20 @@ def _map(fd: int, size: int, writable: bool = False) -> mmap.mmap:
 class EventRings:
     """The per-CPU new-flow rings of a loaded flow program."""
 
-    def __init__(self, slots_fd: int, heads_fd: int, tails_fd: int, cpus: int, slots: int):
+    def __init__(
+        self,
+        slots_fd: int,
+        heads_fd: int,
+        tails_fd: int,
+        cpus: int,
+        slots: int,
+        clock: TickClock | None = None,
+    ) -> None:
         """The `event_slots`, `event_heads` and `event_tails` maps; `cpus` rings of `slots`
-        events each (a power of two)."""
+        events each (a power of two). `clock` converts the events' times to ns, as the
+        table's (None: they are ns already)."""
         self.cpus, self.slots = cpus, slots
+        self.clock = clock
         pos_bytes = cpus * POS_STRIDE * 8
         self._maps = [
             _map(slots_fd, cpus * slots * EVENT_DTYPE.itemsize),
@@ -53,7 +64,12 @@ class EventRings:
             head, tail = int(heads[cpu]), int(self._tails[cpu])
             parts.append(self._events[cpu, np.arange(tail, head) & (self.slots - 1)])
             self._tails[cpu] = head  # after the copy: the kernel may now reuse the slots
-        return np.concatenate(parts) if parts else EMPTY
+        if not parts:
+            return EMPTY
+        events = np.concatenate(parts)
+        if self.clock is not None:
+            events["ts"] = self.clock.ticks_to_ns(events["ts"])
+        return events
 
     def pending(self) -> int:
         """Events written and not yet read, over all CPUs."""

@@ -65,7 +65,19 @@ COUNTERS = (
     "cache_lost",
 )
 
-EVENT_DTYPE = np.dtype([("key", KEY_DTYPE), ("ip_len", "<u4"), ("ts", "<u8"), ("pad", "<u8")])
+EVENT_DTYPE = np.dtype(
+    [
+        ("key", KEY_DTYPE),
+        ("ip_len", "<u4"),
+        ("ts", "<u8"),  # converted to ns by EventRings.read(), like the table's times
+        ("first_dir", "u1"),
+        ("syn_dir", "u1"),
+        ("synack_dir", "u1"),
+        ("icmp_type", "u1"),
+        ("icmp_code", "u1"),
+        ("pad", "u1", (3,)),
+    ]
+)
 
 PROGRAMS = {
     # l3 device? -> function name in bpf/flow.c (one program serves both hooks)

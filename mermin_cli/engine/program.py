@@ -83,6 +83,7 @@ class FlowProgram:
             self.bpf[b"event_tails"].map_fd,
             event_cpus(),
             event_slots(event_capacity),
+            self.clock,
         )
         self.event_bytes = self.events.cpus * self.events.slots * EVENT_BYTES
         self._counters = self.bpf[b"counters"]

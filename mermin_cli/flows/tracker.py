@@ -16,11 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
-from mermin_cli.engine.layout import DIR_NONE, FLOW_F_FRAGMENT, KEY_DTYPE, STATS_DTYPE
+from mermin_cli.engine.layout import (
+    DIR_NONE,
+    EVENT_DTYPE,
+    FLOW_F_FRAGMENT,
+    KEY_DTYPE,
+    STATS_DTYPE,
+)
 from mermin_cli.flows import names
 from mermin_cli.flows.community_id import community_id
 from mermin_cli.flows.direction import LocalHost, initiator_dir, span_kind
@@ -82,14 +88,42 @@ def _addr(raw: bytes, ip_ver: int) -> bytes:
     return raw[:4] if ip_ver == 4 else raw
 
 
-# What _new_state reads, decoded with one struct call per row: it runs once per adopted
-# flow, and a dozen numpy field accesses cost about as much as the table lookup before it.
+class First(NamedTuple):
+    """What a flow's first packet tells about it: all _new_state needs besides the key."""
+
+    first_dir: int
+    syn_dir: int
+    synack_dir: int
+    icmp_type: int  # of the first packet's direction
+    icmp_code: int
+    first_ns: int
+
+
+# Decoded with one struct call per row: _new_state runs once per adopted flow, and a dozen
+# numpy field accesses cost as much as the rest of it.
 _KEY = struct.Struct("<16s16sHH4xBB")  # lo/hi addr, lo/hi port, (ifindex), proto, ip_ver
 _FIRST = struct.Struct("<2xBxBB6x4B")  # first/syn/synack dir, icmp_type[2] + icmp_code[2]
 _FIRST_OFFSET = STATS_DTYPE.fields["tcp_flags"][1]
-_FIRST_NS = struct.Struct("<Q")
+_FIRST_NS_OFFSET = STATS_DTYPE.fields["first_ns"][1]
+_U64 = struct.Struct("<Q")
+_EVENT = struct.Struct("<48xQ5B")  # ts, first/syn/synack dir, icmp type and code
 assert KEY_DTYPE.fields["proto"][1] == 40 and _KEY.size == KEY_DTYPE.itemsize - 2
 assert STATS_DTYPE.fields["icmp_code"][1] == _FIRST_OFFSET + _FIRST.size - 2
+assert EVENT_DTYPE.fields["ts"][1] == 48 and EVENT_DTYPE.fields["icmp_code"][1] == _EVENT.size - 1
+
+
+def first_of_stats(stats: np.void) -> First:
+    """The first-packet fields of a table entry."""
+    raw = stats.tobytes()
+    first_dir, syn_dir, synack_dir, *icmp = _FIRST.unpack_from(raw, _FIRST_OFFSET)
+    first_ns = _U64.unpack_from(raw, _FIRST_NS_OFFSET)[0]
+    return First(first_dir, syn_dir, synack_dir, icmp[first_dir], icmp[2 + first_dir], first_ns)
+
+
+def first_of_event(event: np.void) -> First:
+    """The same fields from the new-flow event the kernel sent with the entry."""
+    ts, first_dir, syn_dir, synack_dir, icmp_type, icmp_code = _EVENT.unpack_from(event.tobytes())
+    return First(first_dir, syn_dir, synack_dir, icmp_type, icmp_code, ts)
 
 
 class Clock(Protocol):
@@ -147,6 +181,10 @@ class FlowTracker:
         )
         self.flows: dict[bytes, FlowState] = {}
         self._prev_poll_ns = 0
+        # Flows closed by this poll and the one before (key -> first_ns): an event that
+        # comes after its flow was closed must not adopt it again.
+        self._closed: dict[bytes, int] = {}
+        self._closed_before: dict[bytes, int] = {}
         self.records_emitted = 0
         self.zero_suppressed = 0
         self.evicted = 0
@@ -160,21 +198,31 @@ class FlowTracker:
 
     # -- polling -------------------------------------------------------------------
 
-    def adopt(self, key: np.void) -> str:
-        """Worker stage: start tracking a new flow the kernel reported.
+    def adopt(self, event: np.void) -> str:
+        """Worker stage: start tracking a new flow from the kernel's event about it.
 
-        Returns "created", "filtered", "known" (already tracked) or "gone" (expired first).
+        The event carries what orientation and the Community ID need, so adopting costs
+        no table lookup, unless filters are set (they judge the whole entry). Returns
+        "created", "filtered", "known" (already tracked) or "gone" (closed first).
         """
-        stats = self.table.lookup(key)
+        key = event["key"]
         kb = key.tobytes()
-        self.host.refresh()
-        with self.lock:
-            state = self.flows.get(kb)
+        stats = None
+        if self.flow_filter is not None:
+            stats = self.table.lookup(key)
             if stats is None:
                 return "gone"
-            if state is not None and state.first_ns == int(stats["first_ns"]):
+            first = first_of_stats(stats)
+        else:
+            first = first_of_event(event)
+        self.host.refresh()
+        with self.lock:
+            if first.first_ns in (self._closed.get(kb), self._closed_before.get(kb)):
+                return "gone"
+            state = self.flows.get(kb)
+            if state is not None and state.first_ns == first.first_ns:
                 return "known"
-            state = self.flows[kb] = self._new_state(key, stats)
+            state = self.flows[kb] = self._new_state(key, first, stats)
             return "filtered" if state.filtered else "created"
 
     def poll(self, now_ns: int | None = None) -> list[FlowRecord]:
@@ -202,6 +250,7 @@ class FlowTracker:
         prev = np.maximum(first, self._prev_poll_ns)
         due = ~idle & (((now - first) // interval) > ((prev - first) // interval))
         self._prev_poll_ns = now
+        self._closed_before, self._closed = self._closed, {}
 
         for i in np.flatnonzero(idle):
             final = self.table.take(keys[i])
@@ -270,14 +319,16 @@ class FlowTracker:
 
     def _close(self, key: np.void, stats: np.void, reason: str, offset: int) -> list[FlowRecord]:
         records = list(self._emit(key, stats, reason, offset))
-        self.flows.pop(key.tobytes(), None)
+        kb = key.tobytes()
+        self.flows.pop(kb, None)
+        self._closed[kb] = int(stats["first_ns"])
         return records
 
     def _emit(self, key: np.void, stats: np.void, reason: str, offset: int) -> Iterator[FlowRecord]:
         kb = key.tobytes()
         state = self.flows.get(kb)
         if state is None or state.first_ns != int(stats["first_ns"]):
-            state = self.flows[kb] = self._new_state(key, stats)
+            state = self.flows[kb] = self._new_state(key, first_of_stats(stats), stats)
         if state.filtered:
             return
         f, r = state.fwd, 1 - state.fwd
@@ -318,17 +369,15 @@ class FlowTracker:
             attributes=attrs,
         )
 
-    def _new_state(self, key: np.void, stats: np.void) -> FlowState:
-        """Orientation, kind and Community ID, decided once; filters applied once."""
+    def _new_state(self, key: np.void, first: First, stats: np.void | None) -> FlowState:
+        """Orientation, kind and Community ID, decided once; filters applied once (they
+        need the entry's `stats`, which the caller then provides)."""
         lo_raw, hi_raw, lo_port, hi_port, proto, ip_ver = _KEY.unpack_from(key.tobytes())
         lo, hi = _addr(lo_raw, ip_ver), _addr(hi_raw, ip_ver)
         ports = (lo_port, hi_port)
-        raw = stats.tobytes()
-        first_dir, syn_dir, synack_dir, *icmp = _FIRST.unpack_from(raw, _FIRST_OFFSET)
-        icmp_type, icmp_code = icmp[first_dir], icmp[2 + first_dir]
-        fwd = initiator_dir(
-            proto, ip_ver, ports, (lo, hi), first_dir, syn_dir, synack_dir, icmp_type, self.host
-        )
+        first_dir, icmp_type, icmp_code = first.first_dir, first.icmp_type, first.icmp_code
+        fwd = initiator_dir(proto, ip_ver, ports, (lo, hi), first_dir, first.syn_dir,
+                            first.synack_dir, icmp_type, self.host)  # fmt: skip
         src, dst = (lo, hi) if fwd == 0 else (hi, lo)
         seed = self.span.community_id_seed
         if proto in ICMP:
@@ -344,13 +393,17 @@ class FlowTracker:
             fwd=fwd,
             kind=span_kind(src, dst, self.host),
             community_id=cid,
-            first_ns=_FIRST_NS.unpack_from(raw, STATS_DTYPE.fields["first_ns"][1])[0],
+            first_ns=first.first_ns,
         )
-        if self.flow_filter and not self.flow_filter.allows(
-            {**self.static_attributes(key, stats, state), **_dynamic_attributes(key, stats, fwd)}
-        ):
-            state.filtered = True
-            self.filtered += 1
+        if self.flow_filter:
+            assert stats is not None, "filters judge the whole entry"
+            attrs = {
+                **self.static_attributes(key, stats, state),
+                **_dynamic_attributes(key, stats, fwd),
+            }
+            if not self.flow_filter.allows(attrs):
+                state.filtered = True
+                self.filtered += 1
         return state
 
     def static_attributes(self, key: np.void, stats: np.void, state: FlowState) -> dict[str, Any]:

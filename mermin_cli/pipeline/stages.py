@@ -129,7 +129,7 @@ class Worker(Stage):
         events = self.channel.get_many(BATCH, IDLE_WAIT)
         started = time.perf_counter()
         for ev in events:
-            outcome = self.tracker.adopt(ev["key"])
+            outcome = self.tracker.adopt(ev)
             self.outcomes[outcome] += 1
             if outcome == "created":
                 self.metrics.spans_processed.inc()
