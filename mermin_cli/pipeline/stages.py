@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,14 +85,19 @@ class EventReader(Stage):
 
     def step(self) -> int:
         # The rings wake nobody (a wake-up per new flow would cost more than it saves):
-        # read at a cadence while idle, back to back while events keep coming.
+        # read every 20 ms while events come, backing off to 100 ms when idle, and back to
+        # back only while reads come half full (the kernel drops when a ring fills). Not
+        # back to back whenever events come: the reads would then take the GIL from the
+        # workers in tiny batches, and the workers' queues overflow.
         events = self.rings.read()
-        if not len(events):
-            if not self.stopping.is_set():
-                time.sleep(self._wait)
-                self._wait = min(2 * self._wait, RINGBUF_WAIT[1])
-            return 0
-        self._wait = RINGBUF_WAIT[0]
+        if len(events):
+            self._dispatch(events)
+        self._wait = RINGBUF_WAIT[0] if len(events) else min(2 * self._wait, RINGBUF_WAIT[1])
+        if len(events) < self.rings.slots // 2 and not self.stopping.is_set():
+            time.sleep(self._wait)
+        return len(events)
+
+    def _dispatch(self, events: np.ndarray) -> None:
         self.received += len(events)
         self.metrics.ringbuf_packets.labels(type="received").inc(len(events))
         self.metrics.ringbuf_bytes.inc(events.nbytes)
@@ -103,7 +109,6 @@ class EventReader(Stage):
                 self.dispatched += accepted
                 self.dropped += len(batch) - accepted
                 self.metrics.events_dropped_backpressure.inc(len(batch) - accepted)
-        return len(events)
 
 
 def shard_of(events: np.ndarray, shards: int) -> np.ndarray:
@@ -127,20 +132,25 @@ class Worker(Stage):
 
     def step(self) -> int:
         events = self.channel.get_many(BATCH, IDLE_WAIT)
+        if not events:
+            return 0
         started = time.perf_counter()
+        created: Counter[int] = Counter()  # by ifindex; metrics once per batch, not per event
+        filtered = 0
         for ev in events:
             outcome = self.tracker.adopt(ev)
             self.outcomes[outcome] += 1
             if outcome == "created":
-                self.metrics.spans_processed.inc()
-                name = self.interface_name(int(ev["key"]["ifindex"])) or "unknown"
-                self.metrics.spans_created.labels(interface=name).inc()
+                created[ev["key"]["ifindex"]] += 1
             elif outcome == "filtered":
-                self.metrics.spans_filtered.labels(where="userspace").inc()
-        if events:
-            self.metrics.latency.labels(stage="flow_ingestion").observe(
-                time.perf_counter() - started
-            )
+                filtered += 1
+        m = self.metrics
+        m.spans_processed.inc(created.total())
+        for ifindex, n in created.items():
+            m.spans_created.labels(interface=self.interface_name(int(ifindex)) or "unknown").inc(n)
+        if filtered:
+            m.spans_filtered.labels(where="userspace").inc(filtered)
+        m.latency.labels(stage="flow_ingestion").observe(time.perf_counter() - started)
         return len(events)
 
 
