@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -323,14 +324,18 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "flows")
 
-    def wait_for(self, text: str, timeout: float = 30) -> str:
+    def wait_for(
+        self, *texts: str, where: Callable[[str], bool] = lambda _: True, timeout: float = 30
+    ) -> str:
+        """The first screen that shows every one of `texts` and satisfies `where` (a screen
+        caught halfway through a redraw shows only some of a frame's lines)."""
         deadline = time.monotonic() + timeout
         while True:
             screen = self.screen()
-            if text in screen:
+            if all(text in screen for text in texts) and where(screen):
                 return screen
             if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} did not appear on the screen:\n{screen}")
+                raise AssertionError(f"{texts!r} did not appear on the screen:\n{screen}")
             time.sleep(0.1)
 
     def flag(self, name: str) -> str:
@@ -361,7 +366,7 @@ def test_full_screen_view_under_tmux(link, traffic, tmux) -> None:
         "new-session", "-d", "-s", "flows", "-x", "200", "-y", "30",
         "ip", "netns", "exec", a.ns, "sh", "-c", script,
     )  # fmt: skip
-    screen = tmux.wait_for(f"{b.ip4}:41001")
+    screen = tmux.wait_for(f"{b.ip4}:41001", f"{b.ip4}:41003", f"[{b.ip6}]:41004", "flows: 4 of ")
     assert tmux.flag("alternate_on") == "1" and tmux.flag("cursor_flag") == "0"
     lines = screen.splitlines()
     assert lines[0].startswith(f"mermin flows  http://127.0.0.1:{API_PORT}  on {a.ifname}")
@@ -375,7 +380,8 @@ def test_full_screen_view_under_tmux(link, traffic, tmux) -> None:
     assert rows[0][1:8] == [f"{a.ip4}:7000", "udp", a.ifname, "5", "5", "1.1kB", "1.1kB"]
 
     tmux("send-keys", "-t", "flows", "p")
-    screen = tmux.wait_for("sort: packets")
+    first_row = lambda screen: screen.splitlines()[5].split()[:1] == [f"{b.ip4}:41003"]  # noqa: E731
+    screen = tmux.wait_for("sort: packets", "PKTS-> ▼", where=first_row)
     lines = screen.splitlines()
     assert "PKTS-> ▼" in lines[4] and "BYTES-> ▼" not in lines[4]
     assert lines[5].split()[0] == f"{b.ip4}:41003"  # 20 packets
