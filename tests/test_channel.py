@@ -8,11 +8,12 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 
 from mermin_cli.engine.layout import EVENT_DTYPE
 from mermin_cli.metrics.registry import Metrics
 from mermin_cli.pipeline.channel import Channel
-from mermin_cli.pipeline.stages import IDLE_WAIT, Exporter, shard_of
+from mermin_cli.pipeline.stages import IDLE_WAIT, EventReader, Exporter, shard_of
 
 
 def test_full_channel_drops_and_counts() -> None:
@@ -77,3 +78,25 @@ def test_events_shard_by_flow_key_alone() -> None:
     assert shards.shape == (4000,)
     assert (shards[:1000] == shards[1000:2000]).all() and (shards[:1000] == shards[3000:]).all()
     assert np.bincount(shards[:1000], minlength=4).min() >= 200  # 250 each on average
+
+
+class IdleRings:
+    """Rings with nothing in them (the reader's view: `read()` and `slots`)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.reads = 0
+
+    def read(self) -> np.ndarray:
+        self.reads += 1
+        return np.empty(0, dtype=EVENT_DTYPE)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 1024])
+def test_idle_event_reader_waits_between_reads(slots: int) -> None:
+    rings = IdleRings(slots)
+    reader = EventReader(rings, [Channel("w", 4)], Metrics())  # type: ignore[arg-type]
+    reader.start()
+    time.sleep(0.5)
+    reader.stop()
+    assert 3 <= rings.reads <= 10  # 20, 40, 80, then every 100 ms: not a busy loop

@@ -93,7 +93,7 @@ class EventReader(Stage):
         if len(events):
             self._dispatch(events)
         self._wait = RINGBUF_WAIT[0] if len(events) else min(2 * self._wait, RINGBUF_WAIT[1])
-        if len(events) < self.rings.slots // 2 and not self.stopping.is_set():
+        if len(events) < max(1, self.rings.slots // 2) and not self.stopping.is_set():
             time.sleep(self._wait)
         return len(events)
 
