@@ -159,6 +159,7 @@ class BenchModule:
         bcc = import_bcc()
         self.chunks = chunks
         self.per_call = capacity // 2 // chunks
+        self.tcp = hit_frames()["ipv4_tcp"]
         slots = event_slots(self.per_call)
         cflags = [
             NO_DEBUG_INFO,
@@ -207,9 +208,8 @@ class BenchModule:
     def _fill(self, new: bool) -> float:
         self.read_events()
         calls = []
-        tcp = hit_frames()["ipv4_tcp"]
         for i in range(self.chunks):
-            frame = bytearray(tcp)
+            frame = bytearray(self.tcp)
             frame[NEW_FLOW_CHUNK_BYTE] = i  # a /16 of its own: every run a new flow
             calls.append(run_ns(self.fds["bench_new_flow"], bytes(frame), self.per_call))
             events = self.read_events()
@@ -219,7 +219,7 @@ class BenchModule:
 
     def write_only(self, repeat: int) -> float:
         """ns of the bench wrapper's address bump alone (subtracted from its runs)."""
-        return run_ns(self.fds["bench_write_only"], hit_frames()["ipv4_tcp"], repeat)
+        return run_ns(self.fds["bench_write_only"], self.tcp, repeat)
 
     def close(self) -> None:
         if self.rings is not None:
