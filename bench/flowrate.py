@@ -14,8 +14,8 @@ namespace a emits one packet per new UDP flow (distinct source/destination ports
 Read through the capture's local API two polls after the last packet: flows the kernel
 created, flows adopted from events, events dropped, flows in the table and the last poll's
 duration. Also the capture's CPU (cores) over that time, its RSS growth per active flow
-(flows in the table), and the kernel table's memory per slot (bpftool's bytes_memlock /
-max_entries; the hash map is preallocated).
+(flows in the table), and the kernel table's memory per entry of its capacity (bpftool's
+bytes_memlock / flow_stats_capacity: the array holds two slots per entry, allocated at load).
 
     sudo .venv/bin/python bench/flowrate.py [--rates 5000,20000,...] [--seconds S]
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from common import CLK_TCK, MERMIN, descendants, machine, netns, rss_mib, running, save, stop
+
+from mermin_cli.engine.compiler import FLOW_PROBES, flow_slots
 
 CAPACITY = 524288
 API_PORT = 18090
@@ -75,9 +77,10 @@ print(flows / (time.perf_counter() - start))
 """
 
 
-def table_bytes_per_slot(host: netns.Host) -> float:
+def table_bytes_per_entry(host: netns.Host) -> float:
     maps = json.loads(host.run("bpftool", "-j", "map", "show").stdout)
-    flows = [m for m in maps if m.get("name") == "flows" and m.get("max_entries") == CAPACITY]
+    slots = flow_slots(CAPACITY) + FLOW_PROBES
+    flows = [m for m in maps if m.get("name") == "flows" and m.get("max_entries") == slots]
     return flows[-1]["bytes_memlock"] / CAPACITY if flows else float("nan")
 
 
@@ -110,7 +113,7 @@ def one_rate(link: netns.Link, rate: int, seconds: float, tmp: Path) -> dict[str
         ready="capturing on", stdout=fh,
     ) as proc:  # fmt: skip
         rss0, cpu0, started = rss_mib(proc.pid), cpu_seconds(proc.pid), time.monotonic()
-        slot = table_bytes_per_slot(b)
+        per_entry = table_bytes_per_entry(b)
         sent = a.run("python3", "-c", SENDER, a.ifname, b.mac, a.mac, a.ip4, b.ip4,
                      str(flows), str(rate), timeout=120).stdout  # fmt: skip
         time.sleep(2.5)  # two polls: every flow is in the tracker
@@ -139,7 +142,7 @@ def one_rate(link: netns.Link, rate: int, seconds: float, tmp: Path) -> dict[str
         "tracked": status["flows"]["tracked"],
         "poll_ms": status["flows"]["last_poll_ms"],
         "rss_per_flow_bytes": (rss1 - rss0) * 1024 * 1024 / max(1, active),
-        "kernel_bytes_per_slot": slot,
+        "kernel_bytes_per_entry": per_entry,
     }
 
 

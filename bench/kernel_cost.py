@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import dpkt
+import numpy as np
 
 from mermin_cli.config.schema import FlowCaptureConfig
 from mermin_cli.engine import bpfsys
@@ -57,10 +58,12 @@ from mermin_cli.engine.compiler import (
     bpf_source,
     event_cpus,
     event_slots,
+    flow_slots,
     import_bcc,
 )
 from mermin_cli.engine.events import EventRings
 from mermin_cli.engine.program import FlowProgram
+from mermin_cli.engine.table import FlowTable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel_cost.json"
 EMPTY_PROGRAM = b"int empty(struct __sk_buff *skb) { return -1; }"
@@ -164,6 +167,7 @@ class BenchModule:
         cflags = [
             NO_DEBUG_INFO,
             f"-DMAX_FLOWS={capacity}",
+            f"-DFLOW_SLOTS={flow_slots(capacity)}",
             f"-DEVENT_SLOTS={slots}",
             f"-DEVENT_CPUS={event_cpus()}",
             "-DEVENT_PAGES=64",  # variants from before the per-CPU rings (a BPF ring buffer)
@@ -182,6 +186,11 @@ class BenchModule:
             name: self.bpf.load_func(name.encode(), bcc.BPF.SCHED_CLS).fd
             for name in ("bench_new_flow", "bench_hit_write", "bench_write_only")
         }
+        self.table: FlowTable | None = None
+        if b"mermin_table_sweep" in source:  # else a hash map: a variant from before 2026-12
+            sweep = self.bpf.load_func(b"mermin_table_sweep", bcc.BPF.SCHED_CLS).fd
+            use = self.bpf["flow_use"].map_fd
+            self.table = FlowTable(self.bpf["flows"].map_fd, use, sweep, capacity, None)
 
     def _count_event(self, _ctx: Any, _data: Any, _size: int) -> int:
         self._events += 1
@@ -196,10 +205,20 @@ class BenchModule:
         return self._events - before
 
     def new_flows(self) -> float:
-        """Empty the table, then the median ns of the calls that fill half of it."""
-        self.bpf["flows"].clear()
+        """Empty the table (as a capture's poll does: read, delete, sweep), then the median
+        ns of the calls that fill half of it."""
+        if self.table is None:
+            self.bpf["flows"].clear()
+        else:
+            with self.table.settled():
+                keys, _ = self.table.read()
+                self.table.take(np.arange(len(keys)))
         new_cache_generation(self.bpf)
         return self._fill(new=True)
+
+    def entries(self) -> int:
+        """Flows in the table."""
+        return len(self.table.read()[0]) if self.table else len(self.bpf["flows"])
 
     def spread_hits(self) -> float:
         """The same calls again: each run a hit on another flow of the last fill."""
@@ -224,6 +243,8 @@ class BenchModule:
     def close(self) -> None:
         if self.rings is not None:
             self.rings.close()
+        if self.table is not None:
+            self.table.close()
         self.bpf.cleanup()
 
 
@@ -290,7 +311,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             samples |= session(timed)
             timed = {}
         for module in benches.values():
-            inserted, expected = len(module.bpf["flows"]), module.per_call * args.chunks
+            inserted, expected = module.entries(), module.per_call * args.chunks
             if inserted != expected:
                 raise RuntimeError(f"{inserted} of {expected} bench runs inserted a flow")
 

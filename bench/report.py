@@ -159,7 +159,7 @@ def flowrate(lines: list[str]) -> None:
         "",
         "| offered flows/s | sender reached | records | every flow reported "
         "| events dropped | every event delivered | capture CPU (cores) "
-        "| RSS per active flow | one poll | kernel table per slot |",
+        "| RSS per active flow | one poll | kernel table per entry of capacity |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     yes = {True: "yes", False: "**no**"}
@@ -169,7 +169,7 @@ def flowrate(lines: list[str]) -> None:
             f"| {yes[r['every_flow_reported']]} | {r['events_dropped']:,} "
             f"| {yes[r['every_event_delivered']]} | {r['capture_cpu_cores']:.2f} "
             f"| {r['rss_per_flow_bytes']:.0f} B | {r['poll_ms']:.0f} ms ({r['active']:,} flows) "
-            f"| {r['kernel_bytes_per_slot']:.0f} B |"
+            f"| {r['kernel_bytes_per_entry']:.0f} B |"
         )
     lines.append("")
 

@@ -2,17 +2,19 @@
 /*
  * mermin flow aggregation program (TC / SCHED_CLS, compiled at run time by BCC).
  *
- * One bidirectional entry per flow in the `flows` hash map; per direction it keeps
- * packets, IP-layer bytes, the OR of TCP flags and first-packet IP metadata. User space
- * only reads the table (batched) and deletes expired entries; it never writes into a
- * live entry, so concurrent increments are never lost.
+ * One bidirectional entry per flow in the `flows` table (open addressing in an mmapable
+ * array, see flow_find()); per direction it keeps packets, IP-layer bytes, the OR of TCP
+ * flags and first-packet IP metadata. User space only reads the table (through mmap) and
+ * deletes expired entries; it never writes into a live entry, so concurrent increments
+ * are never lost.
  *
  * The program is strictly pass-through: every path returns TC_ACT_UNSPEC (== TCX_NEXT),
  * which lets the next program in the chain decide. It never drops, redirects or writes
  * packet data.
  *
  * Compile-time parameters (set by the loader with -D):
- *   MAX_FLOWS        capacity of the flow table
+ *   MAX_FLOWS        capacity of the flow table (entries)
+ *   FLOW_SLOTS       its slots (compiler.flow_slots: twice MAX_FLOWS)
  *   OFFLINE_CLOCK    pcap input: times come from the `offline` map (see mermin_pcap)
  *   EVENT_SLOTS      new-flow events each CPU's ring holds (a power of two)
  *   EVENT_CPUS       possible CPUs (the highest CPU number + 1)
@@ -164,7 +166,54 @@ enum {
     CTR_MAX,
 };
 
-BPF_F_TABLE("hash", struct flow_key, struct flow_stats, flows, MAX_FLOWS, 0);
+/*
+ * The flow table: open addressing with linear probing in an mmapable array, instead of a
+ * BPF hash map. In bench/kernel_cost.py a hash map's insert (a helper call, a bucket
+ * lock with interrupts off, a per-CPU free list) and its miss (jhash, the bucket walk)
+ * were most of a new flow's cost; here a miss reads a few adjacent slots and an insert
+ * claims one with a compare-and-swap. User space reads the whole table through mmap.
+ *
+ * A key lives in one of the FLOW_PROBES slots from its home slot on (the array has
+ * FLOW_PROBES slots past FLOW_SLOTS, so probing never wraps). A slot's state goes:
+ *   EMPTY or DELETED -> CLAIMED   kernel, compare-and-swap (one claimer wins)
+ *   CLAIMED -> FULL               kernel, after writing key and stats
+ *   FULL -> DELETED               user space (engine/table.py), after reading the stats
+ *   DELETED -> EMPTY              mermin_table_sweep, compare-and-swap, when the next
+ *                                 slot is EMPTY (no probe sequence then passes it)
+ * A lookup stops at the first EMPTY slot and passes DELETED ones. Two CPUs may, in rare
+ * races (a claim beside a sweep, a first packet on two CPUs at once), put one key in
+ * two slots: user space merges such duplicates when it reads, so no count is lost.
+ * Plain stores publish a FULL slot: ordered on x86 (TSO); a weakly ordered CPU could
+ * see FULL before the key, miss, and add a duplicate (merged the same way).
+ */
+#ifndef FLOW_SLOTS
+#define FLOW_SLOTS (2 * MAX_FLOWS)
+#endif
+#ifndef FLOW_PROBES
+#define FLOW_PROBES 16
+#endif
+
+/* Odd states are taken: a claim looks for an even one. */
+enum { SLOT_EMPTY = 0, SLOT_FULL = 1, SLOT_DELETED = 2, SLOT_CLAIMED = 3 };
+#define SLOT_BUSY 1
+
+struct flow_slot {
+    struct flow_key key;
+    __u32 hash;              /* flow_hash(key): most mismatches cost one compare */
+    __u64 state;             /* SLOT_*: u64, as BCC has no 32-bit compare-and-swap */
+    __u64 pad0;
+    struct flow_stats stats; /* a cache line of its own for the hot counters */
+    __u64 pad1[4];           /* 192 bytes: slots never share a line */
+};
+BPF_F_TABLE("array", __u32, struct flow_slot, flows, FLOW_SLOTS + FLOW_PROBES,
+            BPF_F_MMAPABLE);
+
+/* Entries in use: [0] counts claims (kernel), [1] deletes (user space). A line each. */
+struct table_use {
+    __u64 n;
+    __u64 pad[7];
+};
+BPF_F_TABLE("array", __u32, struct table_use, flow_use, 2, BPF_F_MMAPABLE);
 BPF_PERCPU_ARRAY(counters, __u64, CTR_MAX);
 
 #ifndef EVENT_SLOTS
@@ -512,6 +561,141 @@ static __always_inline void update(struct flow_stats *s, struct pkt *p, __u8 dir
         note_handshake(s, p->tcp_flags, dir);
 }
 
+/* Without a branch per word: each branch is another path for the verifier to walk. */
+static __always_inline int key_equal(const __u64 *a, const __u64 *b)
+{
+    __u64 diff = (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) |
+                 (a[4] ^ b[4]) | (*(const __u32 *)&a[5] ^ *(const __u32 *)&b[5]);
+    return diff == 0;
+}
+
+/* Multiply-xor over the key's 11 words (engine/table.py computes the same). */
+static __always_inline __u32 flow_hash(const struct flow_key *k)
+{
+    const __u32 *w = (const __u32 *)k;
+    __u32 h = 0x9e3779b9;
+#pragma unroll
+    for (int i = 0; i < sizeof(*k) / 4; i++) {
+        h ^= w[i];
+        h *= 0x85ebca6b;
+        h ^= h >> 13;
+    }
+    return h;
+}
+
+/* The key's home slot: the hash scaled to FLOW_SLOTS (a multiply, not a division). */
+static __always_inline __u32 home_slot(__u32 h)
+{
+    return ((__u64)h * FLOW_SLOTS) >> 32;
+}
+
+/* The key's slot, or NULL. Few branches per probe: each is another path to verify,
+ * and this loop is inlined into every entry point. */
+static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u32 h)
+{
+    __u32 home = home_slot(h);
+#pragma unroll
+    for (__u32 i = 0; i < FLOW_PROBES; i++) {
+        __u32 idx = home + i;
+        struct flow_slot *s = flows.lookup(&idx);
+        if (!s)
+            return NULL;
+        __u64 state = s->state;
+        if (((state ^ SLOT_FULL) | (s->hash ^ h)) == 0 &&
+            key_equal((const __u64 *)&s->key, (const __u64 *)k))
+            return s;
+        if (state == SLOT_EMPTY)
+            return NULL; /* no probe sequence goes on past an EMPTY slot */
+    }
+    return NULL;
+}
+
+/* The stats of the key's entry, or NULL. */
+static __always_inline struct flow_stats *flow_lookup(const struct flow_key *k)
+{
+    struct flow_slot *s = flow_find(k, flow_hash(k));
+    return s ? &s->stats : NULL;
+}
+
+/* The slot for a new entry: the key's, if another CPU has just created it (`*created`
+ * 0), else the first free (EMPTY or DELETED) slot, claimed and filled (`*created` 1);
+ * NULL if there is none. A claim lost to another CPU goes on to the next slot. */
+static __always_inline struct flow_slot *flow_claim(const struct flow_key *k, __u32 h,
+                                                    const struct flow_stats *init,
+                                                    int *created)
+{
+    __u32 home = home_slot(h);
+    *created = 0;
+#pragma unroll
+    for (__u32 i = 0; i < FLOW_PROBES; i++) {
+        __u32 idx = home + i;
+        struct flow_slot *s = flows.lookup(&idx);
+        if (!s)
+            return NULL;
+        __u64 state = s->state;
+        if (state & SLOT_BUSY) {
+            if (((state ^ SLOT_FULL) | (s->hash ^ h)) == 0 &&
+                key_equal((const __u64 *)&s->key, (const __u64 *)k))
+                return s;
+            continue;
+        }
+        if (__sync_val_compare_and_swap(&s->state, state, SLOT_CLAIMED) != state)
+            continue;
+        __builtin_memcpy(&s->key, k, sizeof(*k));
+        s->hash = h;
+        __builtin_memcpy(&s->stats, init, sizeof(*init));
+        s->state = SLOT_FULL; /* after the key and stats (see the table's comment) */
+        __u32 claims = 0;
+        struct table_use *use = flow_use.lookup(&claims);
+        if (use)
+            __sync_fetch_and_add(&use->n, 1);
+        *created = 1;
+        return s;
+    }
+    return NULL;
+}
+
+/* Entries in use, claims minus user space's deletes. */
+static __always_inline __u64 flows_in_use(void)
+{
+    __u32 claims = 0, deletes = 1;
+    struct table_use *c = flow_use.lookup(&claims);
+    struct table_use *d = flow_use.lookup(&deletes);
+    return c && d ? c->n - d->n : MAX_FLOWS;
+}
+
+/* Turn the DELETED slots before EMPTY ones back into EMPTY, so that lookups stop early
+ * again. Run by user space (engine/table.py) through BPF_PROG_TEST_RUN, with the indices
+ * of EMPTY slots that follow a DELETED one (or of the end of the array) as u32s after a
+ * 14-byte frame header; from each it walks back while the slot after is EMPTY. A compare-and-swap, as a CPU may
+ * claim the same DELETED slot meanwhile. Returns how many slots it emptied. */
+#define SWEEP_MAX 64 /* indices per run */
+int mermin_table_sweep(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    int swept = 0;
+    for (__u32 i = 0; i < SWEEP_MAX; i++) {
+        __u32 *at = data + sizeof(struct ethhdr) + i * sizeof(__u32);
+        if ((void *)(at + 1) > data_end)
+            break;
+        __u32 next = *at;
+        for (__u32 step = 0; step < FLOW_PROBES; step++) {
+            __u32 idx = next - 1;
+            struct flow_slot *after = flows.lookup(&next); /* past the end: as if EMPTY */
+            struct flow_slot *s = flows.lookup(&idx);      /* none before slot 0 */
+            if (!s || (after ? after->state != SLOT_EMPTY : next != FLOW_SLOTS + FLOW_PROBES))
+                break;
+            if (__sync_val_compare_and_swap(&s->state, SLOT_DELETED, SLOT_EMPTY) !=
+                SLOT_DELETED)
+                break;
+            swept++;
+            next = idx;
+        }
+    }
+    return swept;
+}
+
 /* Append a new-flow event to this CPU's ring; 0 when it is full. A TC program runs to its
  * end on one CPU (softirq, no migration), so the CPU's ring has one writer at a time.
  * (PREEMPT_RT can interleave two: an event may then be lost or repeated, and a head that
@@ -546,7 +730,8 @@ static __always_inline int emit_event(struct pkt *p, const struct flow_stats *fi
     return 1;
 }
 
-static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now)
+/* A new entry for the packet's flow (`h`: its key's hash). */
+static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now, __u32 h)
 {
     struct flow_stats init = {};
     init.first_ns = now;
@@ -572,22 +757,22 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
     if (p->tcp_flags & TCP_SYN)
         note_handshake(&init, p->tcp_flags, dir);
 
-    /* BCC's insert() is BPF_NOEXIST: never overwrite an entry another CPU created. */
-    int err = flows.insert(&p->key, &init);
-    if (err == 0) {
-        count(CTR_NEW_FLOWS, 1);
-        if (!emit_event(p, &init))
-            count(CTR_EVENTS_DROPPED, 1);
+    int created = 0;
+    struct flow_slot *s = flows_in_use() < MAX_FLOWS ? flow_claim(&p->key, h, &init, &created)
+                                                     : NULL;
+    if (!s) {
+        count(CTR_MAP_FULL, 1);
+        count(CTR_MAP_FULL_BYTES, p->ip_len);
         return;
     }
-    struct flow_stats *s = flows.lookup(&p->key);
-    if (s) {
+    if (!created) {
         count(CTR_INSERT_RACE, 1);
-        update(s, p, dir, now);
+        update(&s->stats, p, dir, now);
         return;
     }
-    count(CTR_MAP_FULL, 1);
-    count(CTR_MAP_FULL_BYTES, p->ip_len);
+    count(CTR_NEW_FLOWS, 1);
+    if (!emit_event(p, &init))
+        count(CTR_EVENTS_DROPPED, 1);
 }
 
 /* Does this first packet answer an earlier one (so its receiver initiated the flow)? */
@@ -713,12 +898,6 @@ static __always_inline __u32 cache_index(const __u64 *w)
     return (h ^ (h >> 8)) & (CACHE_SLOTS - 1);
 }
 
-static __always_inline int key_equal(const __u64 *a, const __u64 *b)
-{
-    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
-           *(const __u32 *)&a[5] == *(const __u32 *)&b[5];
-}
-
 /* This CPU's slot for the key, or NULL when the cache is off; `gen` is then set. */
 static __always_inline struct cache_slot *cache_slot_of(struct flow_key *k, __u64 *gen)
 {
@@ -797,7 +976,7 @@ static __always_inline int cache_drain(struct cache_slot *c, __u64 ended)
         cache_clear(c);
         return 0;
     }
-    struct flow_stats *s = flows.lookup(&c->key);
+    struct flow_stats *s = flow_lookup(&c->key);
     if (s) {
         __sync_fetch_and_add(&s->packets[0], c->packets[0]);
         __sync_fetch_and_add(&s->packets[1], c->packets[1]);
@@ -984,12 +1163,13 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, int re
     if (c && cache_hit(c, mine, p, dir, now))
         return;
 #endif
-    struct flow_stats *s = flows.lookup(&p->key);
-    if (s) {
-        update(s, p, dir, now);
+    __u32 h = flow_hash(&p->key);
+    struct flow_slot *slot = flow_find(&p->key, h);
+    if (slot) {
+        update(&slot->stats, p, dir, now);
 #ifndef OFFLINE_CLOCK
         if (c)
-            cache_fill(c, mine, &p->key, gen, s);
+            cache_fill(c, mine, &p->key, gen, &slot->stats);
 #endif
         return;
     }
@@ -1000,7 +1180,7 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, int re
         if ((void *)(eth + 1) <= data_end)
             __builtin_memcpy(p->mac, eth->h_source, 6);
     }
-    create(p, dir, hook_of(skb), now);
+    create(p, dir, hook_of(skb), now, h);
 }
 
 /* Common body of the live entry points: `l2` is a compile-time constant per entry point. */

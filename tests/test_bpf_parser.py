@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import logging
 import os
@@ -41,10 +42,19 @@ import pytest
 
 from mermin_cli.engine import bpfsys, cache, cpus
 from mermin_cli.engine.clock import ticks_aligned
-from mermin_cli.engine.compiler import EVENT_BYTES, event_slots
-from mermin_cli.engine.layout import COUNTERS, DIR_NONE, FLOW_F_FRAGMENT, HOOK_EGRESS, STATS_DTYPE
+from mermin_cli.engine.compiler import EVENT_BYTES, event_slots, flow_slots
+from mermin_cli.engine.layout import (
+    COUNTERS,
+    DIR_NONE,
+    FLOW_F_FRAGMENT,
+    HOOK_EGRESS,
+    KEY_DTYPE,
+    SLOT_EMPTY,
+    SLOT_FULL,
+    STATS_DTYPE,
+)
 from mermin_cli.engine.program import FlowProgram
-from mermin_cli.flows.table import FlowTable
+from mermin_cli.engine.table import flow_hash
 from mermin_cli.flows.tracker import first_of_event, first_of_stats
 
 try:  # tests/ as a package, or (default) as a plain directory on sys.path
@@ -291,7 +301,7 @@ class Kernel:
 
     def __init__(self, program: FlowProgram, cached: bool = False) -> None:
         self.program = program
-        self.table = FlowTable.of(program, CAPACITY)
+        self.table = program.table
         assert program.cache is not None
         if cached:
             assert program.cache.enable()
@@ -336,8 +346,10 @@ class Kernel:
         """Empty the flow table and the event rings; restart the counters from zero."""
         with self.table.settled():
             keys, _ = self.table.read()
-            for k in keys:
-                self.table.take(k)
+            self.table.take(np.arange(len(keys)))
+        while self.table.sweep():  # long runs of DELETED slots take more than one
+            pass
+        assert self.table.occupancy()["deleted"] == 0
         self.program.events.read()
         self._base = self.program.counters()
 
@@ -943,7 +955,6 @@ import json, socket, struct, sys
 from mermin_cli.discovery.interfaces import list_interfaces
 from mermin_cli.engine.attach import Attacher
 from mermin_cli.engine.program import FlowProgram
-from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import first_of_event, first_of_stats
 program = FlowProgram(1024)
 attacher = Attacher(program, "MODE")
@@ -954,7 +965,7 @@ HOOKS_LIVE = (
     + """
 print("ready", flush=True)
 sys.stdin.readline()
-keys, values = FlowTable.of(program, 1024).read()
+keys, values = program.table.read()
 udp = [(k, v) for k, v in zip(keys, values) if k["proto"] == 17]
 ports = [{int(k["lo_port"]), int(k["hi_port"])} & {7001, 7002} for k, _ in udp]
 print(json.dumps(sorted([min(p), int(v["first_hook"])] for p, (_, v) in zip(ports, udp))))
@@ -993,7 +1004,7 @@ sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
 sock.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
 sock.bind(("IFNAME", 0))
 sock.send(struct.pack("<BBHHHH", 0, 0, 14, 0, 0, 0) + bytes.fromhex("FRAME"))
-keys, values = FlowTable.of(program, 1024).read()
+keys, values = program.table.read()
 print(json.dumps({"flows": [[int(k["lo_port"]), int(k["hi_port"]), v["packets"].tolist(),
                              v["bytes"].tolist()] for k, v in zip(keys, values)],
                   "counters": program.counters()}))
@@ -1175,9 +1186,9 @@ def test_cache_slot_never_outlives_its_entry(cached: Kernel) -> None:
     for _ in range(5):
         cached.run(pkt)
     with cached.table.settled():  # a poll closing the flow
-        keys, _ = cached.table.read()
-        taken = cached.table.take(keys[0])
-        assert taken is not None and taken["packets"].tolist() == [5, 0]
+        cached.table.read()
+        (taken,) = cached.table.take([0])
+        assert taken["packets"].tolist() == [5, 0]
     for _ in range(3):
         cached.run(pkt)
     # a new entry (create, then a hit that takes a fresh slot), not the old slot
@@ -1470,3 +1481,117 @@ def test_event_rings_are_what_flow_c_declares(program: FlowProgram) -> None:
     assert ctypes.sizeof(program.bpf[b"event_slots"].Leaf) == EVENT_BYTES
     assert ctypes.sizeof(program.bpf[b"event_heads"].Leaf) == 64
     assert program.event_bytes == rings.cpus * 1024 * EVENT_BYTES
+
+
+# --- the open-addressing flow table ---------------------------------------------------------
+
+
+def key_row(k: Key) -> np.void:
+    """A key in the kernel's layout."""
+    row = np.zeros(1, dtype=KEY_DTYPE)[0]
+    row["lo_addr"], row["hi_addr"] = k.lo, k.hi
+    row["lo_port"], row["hi_port"] = k.lo_port, k.hi_port
+    row["proto"], row["ip_ver"], row["ifindex"] = k.proto, k.ip_ver, k.ifindex
+    return row
+
+
+def home_of(k: Key) -> int:
+    return (flow_hash(key_row(k).tobytes()) * flow_slots(CAPACITY)) >> 32
+
+
+def take_keys(kernel: Kernel, *keys: Key) -> list[np.void]:
+    """Delete these flows as a poll does (the sweep runs at the end of the block)."""
+    with kernel.table.settled():
+        found, _ = kernel.table.read()
+        rows = [i for i, k in enumerate(found) if key_of(k) in keys]
+        assert len(rows) == len(keys)
+        return list(kernel.table.take(rows))
+
+
+def test_user_space_finds_every_flow_where_the_kernel_put_it(kernel: Kernel) -> None:
+    """lookup() probes from the home slot Python computes: a hash that differed from
+    flow_hash() in flow.c would miss."""
+    flows = new_flows(200)
+    for frame, _ in flows:
+        kernel.run(frame)
+    for _, k in flows:
+        stats = kernel.table.lookup(key_row(k))
+        assert stats is not None and stats["packets"].tolist() == [1, 0]
+    assert kernel.table.lookup(key_row(new_flows(1, first=500)[0][1])) is None
+    kernel.assert_counters(packets=200, new_flows=200)
+
+
+def test_deleted_slots_keep_probe_sequences_whole(kernel: Kernel) -> None:
+    """Three flows with one home slot sit side by side. Deleting the middle one leaves a
+    DELETED slot (a FULL one follows), which lookups pass and the next new flow reuses;
+    once nothing follows, the sweep empties them all."""
+    home = home_of(new_flows(1)[0][1])
+    ports = (p for p in itertools.count(1000) if home_of(new_flows(1, p - 1000)[0][1]) == home)
+    (f1, k1), (f2, k2), (f3, k3) = [new_flows(1, next(ports) - 1000)[0] for _ in range(3)]
+    for frame in (f1, f2, f3):
+        kernel.run(frame)
+    assert kernel.table.occupancy()["full"] == 3
+    take_keys(kernel, k2)
+    assert kernel.table.occupancy()["deleted"] == 1  # not swept: k3 lies beyond it
+    # Nor when user space names k3's slot as the place to sweep back from: flow.c checks.
+    slots = kernel.table._slots
+    at_k3 = next(i for i in range(home, home + 16) if key_of(slots[i]["key"]) == k3)
+    sweep_fd = kernel.table._sweep_fd
+    assert bpfsys.prog_test_run(sweep_fd, bytes(14) + struct.pack("<I", at_k3)).retval == 0
+    assert kernel.table.occupancy()["deleted"] == 1
+    kernel.run(f3)  # a hit past the DELETED slot, not a new entry
+    assert kernel.flows()[k3]["packets"].tolist() == [2, 0]
+    kernel.run(f2)  # the flow again: the DELETED slot is taken back
+    assert kernel.table.occupancy() == {"slots": 2 * CAPACITY + 16, "full": 3, "deleted": 0}
+    take_keys(kernel, k2, k3)
+    assert kernel.table.occupancy()["deleted"] == 0  # swept back from the EMPTY slot after
+    assert list(kernel.flows()) == [k1]
+    kernel.assert_counters(packets=5, new_flows=4)
+
+
+def test_a_duplicate_entry_is_merged_and_taken_with_its_twin(kernel: Kernel) -> None:
+    """Races can leave one key in two slots (see flow.c). They cannot be forced from a
+    test, so the duplicate is written into the mmap'd table here: a stand-in for the race."""
+    (frame, k), (other, k_other) = new_flows(2)
+    for f in (frame, frame, other):
+        kernel.run(f)
+    table = kernel.table
+    slots = table._slots
+    full = np.flatnonzero(slots["state"] == SLOT_FULL)
+    at = next(int(i) for i in full if key_of(slots[i]["key"]) == k)
+    spare = next(i for i in range(at + 1, at + 16) if slots[i]["state"] == SLOT_EMPTY)
+    twin = slots[at].copy()
+    twin["stats"]["packets"] = [3, 4]
+    twin["stats"]["bytes"] = [300, 400]
+    twin["stats"]["last_ns"] += 1000
+    slots[spare] = twin  # state FULL with the rest: a claimed and filled slot
+    np.frombuffer(table._maps[1], "<u8")[0] += 1  # and the claim counted, as flow.c does
+    found = kernel.flows()
+    assert found[k]["packets"].tolist() == [5, 4] and found[k]["bytes"].tolist() == [356, 400]
+    assert found[k_other]["packets"].tolist() == [1, 0]
+    looked_up = table.lookup(key_row(k))
+    assert looked_up is not None and looked_up["packets"].tolist() == [5, 4]
+    (taken,) = take_keys(kernel, k)
+    assert taken["packets"].tolist() == [5, 4] and taken["last_ns"] == found[k]["last_ns"]
+    assert table.occupancy()["full"] == 1  # both slots of k deleted
+    kernel.run(frame)
+    assert kernel.flows()[k]["packets"].tolist() == [1, 0]
+
+
+def test_table_holds_exactly_its_capacity() -> None:
+    """The kernel counts claims against user space's deletes: capacity entries fit, one
+    more is refused (counted), and a delete makes room again."""
+    prog = FlowProgram(8)
+    try:
+        small = Kernel(prog)
+        flows = new_flows(10)
+        for frame, _ in flows[:9]:
+            small.run(frame)
+        assert len(small.flows()) == 8
+        small.assert_counters(packets=9, new_flows=8, map_full=1, map_full_bytes=28)
+        take_keys(small, flows[0][1])
+        small.run(flows[9][0])
+        assert set(small.flows()) == {k for _, k in flows[1:8]} | {flows[9][1]}
+        small.assert_counters(packets=10, new_flows=9, map_full=1, map_full_bytes=28)
+    finally:
+        prog.close()

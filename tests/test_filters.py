@@ -96,7 +96,6 @@ filter "flow" {
 def test_kernel_verdicts_on_crafted_packets(tmp_path: Path) -> None:
     from mermin_cli.engine import bpfsys
     from mermin_cli.engine.program import FlowProgram
-    from mermin_cli.flows.table import FlowTable
 
     cfg = config(
         tmp_path,
@@ -128,7 +127,7 @@ filter "network" {
         send("10.0.0.9", "10.0.0.1", 40002, 80)  # source address excluded
         send("10.0.0.1", "10.0.0.2", 8005, 40003, SYN | ACK)  # answer: 10.0.0.2 initiated
         send("10.0.0.1", "10.0.0.2", 8005, 40004)  # SYN from 8005 to 40004: port 40004
-        keys, _ = FlowTable.of(program, 1024).read()
+        keys, _ = program.table.read()
         assert sorted((int(k["lo_port"]), int(k["hi_port"])) for k in keys) == [
             (80, 40000),
             (8005, 40003),

@@ -32,11 +32,12 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
 
 class FakeTable:
-    """Rows in the kernel layout; `take` removes like BPF_MAP_LOOKUP_AND_DELETE_ELEM."""
+    """Rows in the kernel layout; `take` removes rows of the last read, as engine/table.py."""
 
     def __init__(self, capacity: int = 1024) -> None:
         self.capacity = capacity
         self.rows: dict[bytes, tuple[np.void, np.void]] = {}
+        self.last_read: list[bytes] = []
 
     def settled(self) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
@@ -44,11 +45,12 @@ class FakeTable:
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         keys = np.array([k for k, _ in self.rows.values()], dtype=KEY_DTYPE)
         vals = np.array([v for _, v in self.rows.values()], dtype=STATS_DTYPE)
+        self.last_read = list(self.rows)
         return keys, vals
 
-    def take(self, key: np.void) -> np.void | None:
-        row = self.rows.pop(key.tobytes(), None)
-        return None if row is None else row[1]
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        taken = [self.rows.pop(self.last_read[i])[1] for i in rows]
+        return np.array(taken, dtype=STATS_DTYPE)
 
     def put(self, key: np.void, stats: np.void) -> None:
         self.rows[key.tobytes()] = (key, stats)

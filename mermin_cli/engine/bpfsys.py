@@ -1,4 +1,5 @@
-"""The few bpf(2) commands BCC does not wrap: TCX links and queries, test runs, lookup-and-delete.
+"""The few bpf(2) commands BCC does not wrap (TCX links and queries, test runs, map reads),
+and mmap of an mmapable array map.
 
 `union bpf_attr` is built as a zeroed byte buffer with fields packed at their UAPI
 offsets; the kernel requires every unused byte to be zero.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import mmap
 import os
 import platform
 import struct
@@ -18,7 +20,6 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
-BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_NEXT_ID = 11
@@ -218,13 +219,6 @@ def map_update(
     _bpf(BPF_MAP_UPDATE_ELEM, _map_attr(map_fd, key, value))
 
 
-def map_lookup_and_delete(
-    map_fd: int, key: ctypes.Array[ctypes.c_char], value_size: int
-) -> bytes | None:
-    """Atomically read and remove one entry; None if it is already gone."""
-    return _map_op(BPF_MAP_LOOKUP_AND_DELETE_ELEM, map_fd, key, value_size)
-
-
 def array_read(map_fd: int, entries: int, value_size: int) -> bytes:
     """Every value of an array map (of a per-CPU one: `value_size` covers all CPUs), in one
     BPF_MAP_LOOKUP_BATCH."""
@@ -288,3 +282,10 @@ def load_pass_through_program(name: bytes = b"mermin_doctor") -> int:
 def prog_jited_len(prog_fd: int) -> int:
     """Size of the program's JIT image (0: the kernel interprets it)."""
     return int(struct.unpack_from("I", prog_info(prog_fd), PROG_INFO_JITED_LEN)[0])
+
+
+def map_mmap(map_fd: int, size: int, writable: bool = False) -> mmap.mmap:
+    """Shared mapping of an mmapable array map's values (`size` bytes, page-rounded)."""
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    return mmap.mmap(map_fd, length, mmap.MAP_SHARED, prot)

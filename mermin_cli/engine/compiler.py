@@ -26,6 +26,7 @@ log = logging.getLogger("mermin.engine")
 T = TypeVar("T")
 
 EVENT_BYTES = 64  # struct flow_event in bpf/flow.c (layout.EVENT_DTYPE checks it)
+FLOW_PROBES = 16  # slots a key may be found in, from its home slot on (bpf/flow.c)
 
 
 def kernel_version() -> tuple[int, int]:
@@ -57,6 +58,12 @@ def event_slots(capacity: int) -> int:
     """Slots of each CPU's new-flow ring for `capacity` events (a power of two, at least
     `capacity`: the kernel indexes a ring with a mask)."""
     return 1 << max(0, capacity - 1).bit_length()
+
+
+def flow_slots(max_flows: int) -> int:
+    """Home slots of a table of `max_flows` entries: twice as many, so that probe
+    sequences stay short when it is full (the array has FLOW_PROBES more after them)."""
+    return 2 * max_flows
 
 
 def event_cpus() -> int:
@@ -103,6 +110,7 @@ def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compil
     cflags = [
         NO_DEBUG_INFO,
         f"-DMAX_FLOWS={max_flows}",
+        f"-DFLOW_SLOTS={flow_slots(max_flows)}",
         f"-DEVENT_SLOTS={event_slots(event_capacity)}",
         f"-DEVENT_CPUS={event_cpus()}",
     ]

@@ -10,22 +10,14 @@ writes tails.
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 
+from mermin_cli.engine.bpfsys import map_mmap
 from mermin_cli.engine.clock import TickClock
 from mermin_cli.engine.layout import EVENT_DTYPE
 
 POS_STRIDE = 8  # struct event_pos: one u64 and seven of padding (a cache line)
 EMPTY = np.empty(0, dtype=EVENT_DTYPE)
-
-
-def _map(fd: int, size: int, writable: bool = False) -> mmap.mmap:
-    """Shared mapping of an mmapable array map's values (`size` bytes, page-rounded)."""
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-    return mmap.mmap(fd, length, mmap.MAP_SHARED, prot)
 
 
 class EventRings:
@@ -47,9 +39,9 @@ class EventRings:
         self.clock = clock
         pos_bytes = cpus * POS_STRIDE * 8
         self._maps = [
-            _map(slots_fd, cpus * slots * EVENT_DTYPE.itemsize),
-            _map(heads_fd, pos_bytes),
-            _map(tails_fd, pos_bytes, writable=True),
+            map_mmap(slots_fd, cpus * slots * EVENT_DTYPE.itemsize),
+            map_mmap(heads_fd, pos_bytes),
+            map_mmap(tails_fd, pos_bytes, writable=True),
         ]
         events, heads, tails = self._maps
         self._events = np.frombuffer(events, EVENT_DTYPE, cpus * slots).reshape(cpus, slots)

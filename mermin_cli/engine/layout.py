@@ -44,6 +44,19 @@ STATS_DTYPE = np.dtype(
     ]
 )
 
+# struct flow_slot: one slot of the open-addressing flow table
+SLOT_DTYPE = np.dtype(
+    [
+        ("key", KEY_DTYPE),
+        ("hash", "<u4"),
+        ("state", "<u8"),
+        ("pad0", "<u8"),
+        ("stats", STATS_DTYPE),
+        ("pad1", "<u8", (4,)),
+    ]
+)
+SLOT_EMPTY, SLOT_FULL, SLOT_DELETED, SLOT_CLAIMED = 0, 1, 2, 3  # enum in bpf/flow.c
+
 DIR_NONE = 0xFF
 FLOW_F_FRAGMENT = 0x01
 HOOK_EGRESS = 1
@@ -85,5 +98,5 @@ PROGRAMS = {
     True: "mermin_l3",
 }
 
-assert KEY_DTYPE.itemsize == 44 and STATS_DTYPE.itemsize == 96
+assert KEY_DTYPE.itemsize == 44 and STATS_DTYPE.itemsize == 96 and SLOT_DTYPE.itemsize == 192
 assert EVENT_DTYPE.itemsize == EVENT_BYTES

@@ -1,4 +1,5 @@
-"""Compile and load bpf/flow.c with BCC; expose its programs, flow table and counters."""
+"""Compile and load bpf/flow.c with BCC; expose its programs, flow table, event rings and
+counters."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from mermin_cli.engine.compiler import (
     compile_flow_c,
     event_cpus,
     event_slots,
-    import_bcc,
     load_failed,
 )
 from mermin_cli.engine.events import EventRings
+from mermin_cli.engine.table import FlowTable
 from mermin_cli.errors import MerminError
 
 log = logging.getLogger("mermin.engine")
@@ -43,7 +44,7 @@ class FlowProgram:
         started = time.monotonic()
         self.bpf, self.headers = compiled.bpf, compiled.headers
         try:
-            names = (
+            names = ["mermin_table_sweep"] + (
                 ["mermin_pcap"]
                 if offline
                 else [
@@ -61,10 +62,7 @@ class FlowProgram:
             self._pcap_fd = fds["mermin_pcap"]
             self.bpf[b"pcap_next"][ctypes.c_int(0)] = ctypes.c_int(self._pcap_fd)
         self.load_seconds = compiled.seconds + (time.monotonic() - started)
-        bcc = import_bcc()
-        self.bpf_lib = bcc.libbcc.lib
-        self.flows = self.bpf[b"flows"]
-        self.flows_fd: int = self.flows.map_fd
+        flows = self.bpf[b"flows"]
         # Live tables stamp flows in jiffies (converted by `clock`); offline ones in ns.
         self.clock: TickClock | None = None
         # Off until enabled: a poll must drain it (see engine/cache.py).
@@ -77,6 +75,14 @@ class FlowProgram:
                 self.bpf[b"cache_gen"].map_fd,
                 self.bpf[b"flow_cache"].map_fd,
             )
+        self.table = FlowTable(
+            flows.map_fd,
+            self.bpf[b"flow_use"].map_fd,
+            fds["mermin_table_sweep"],
+            max_flows,
+            self.clock,
+            self.cache,
+        )
         self.events = EventRings(
             self.bpf[b"event_slots"].map_fd,
             self.bpf[b"event_heads"].map_fd,
@@ -87,13 +93,11 @@ class FlowProgram:
         )
         self.event_bytes = self.events.cpus * self.events.slots * EVENT_BYTES
         self._counters = self.bpf[b"counters"]
-        key_size = ctypes.sizeof(self.flows.Key)
-        value_size = ctypes.sizeof(self.flows.Leaf)
-        if (key_size, value_size) != (layout.KEY_DTYPE.itemsize, layout.STATS_DTYPE.itemsize):
+        slot_size = ctypes.sizeof(flows.Leaf)
+        if slot_size != layout.SLOT_DTYPE.itemsize:
             raise MerminError(
-                f"bpf/flow.c and engine/layout.py disagree on struct sizes "
-                f"({key_size}/{value_size} vs {layout.KEY_DTYPE.itemsize}/"
-                f"{layout.STATS_DTYPE.itemsize}); this is a bug in mermin."
+                f"bpf/flow.c and engine/layout.py disagree on the flow slot's size "
+                f"({slot_size} vs {layout.SLOT_DTYPE.itemsize}); this is a bug in mermin."
             )
         log.debug("flow program compiled and loaded in %.2fs", self.load_seconds)
 
@@ -123,5 +127,6 @@ class FlowProgram:
         return {name: self.counter(name) for name in layout.COUNTERS}
 
     def close(self) -> None:
+        self.table.close()
         self.events.close()
         self.bpf.cleanup()

@@ -57,7 +57,7 @@ EVICT_HIGH, EVICT_TARGET = 0.9, 0.8
 
 
 class Table(Protocol):
-    """The kernel flow table as the tracker sees it (see flows/table.py)."""
+    """The kernel flow table as the tracker sees it (see engine/table.py)."""
 
     capacity: int
 
@@ -65,7 +65,7 @@ class Table(Protocol):
 
     def read(self) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def take(self, key: np.void) -> np.void | None: ...
+    def take(self, rows: np.ndarray) -> np.ndarray: ...
 
     def lookup(self, key: np.void) -> np.void | None: ...
 
@@ -252,12 +252,9 @@ class FlowTracker:
         self._prev_poll_ns = now
         self._closed_before, self._closed = self._closed, {}
 
-        for i in np.flatnonzero(idle):
-            final = self.table.take(keys[i])
-            if final is None:
-                self.flows.pop(keys[i].tobytes(), None)
-            else:
-                out.extend(self._close(keys[i], final, self._end_reason(final), offset))
+        closing = np.flatnonzero(idle)
+        for i, final in zip(closing, self.table.take(closing), strict=True):
+            out.extend(self._close(keys[i], final, self._end_reason(final), offset))
         for i in np.flatnonzero(due):
             out.extend(self._emit(keys[i], vals[i], END_ACTIVE, offset))
         out.extend(self._evict(keys, vals, idle, offset))
@@ -309,11 +306,9 @@ class FlowTracker:
             return
         excess = len(live) - int(EVICT_TARGET * cap)
         oldest = live[np.argsort(vals["last_ns"][live], kind="stable")[:excess]]
-        for i in oldest:
-            final = self.table.take(keys[i])
-            if final is not None:
-                self.evicted += 1
-                yield from self._close(keys[i], final, END_RESOURCES, offset)
+        for i, final in zip(oldest, self.table.take(oldest), strict=True):
+            self.evicted += 1
+            yield from self._close(keys[i], final, END_RESOURCES, offset)
 
     # -- records ---------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from mermin_cli.export.hostnames import HostnameResolver
 from mermin_cli.export.otlp import output_sinks
 from mermin_cli.export.sink import Sink
 from mermin_cli.flows.filters import FlowFilter, KernelFilter
-from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
 from mermin_cli.logs import set_level
 from mermin_cli.metrics.registry import Metrics
@@ -129,10 +128,9 @@ class Capture:
                 watcher = LinkWatcher(hooks.reconcile)
                 watcher.start()
                 cleanup.callback(watcher.stop)
-            table = FlowTable.of(program, capacity)
             if program.cache:
                 program.cache.enable()
-            tracker = FlowTracker(table, cfg.span, hooks.names.get)
+            tracker = FlowTracker(program.table, cfg.span, hooks.names.get)
             self._apply_filters(program, tracker, cfg)
             metrics = Metrics()
             metrics.method.labels(attachment=attacher.mode).set(1)

@@ -42,7 +42,6 @@ from mermin_cli.export.sink import Sink
 from mermin_cli.flows.direction import LocalHost
 from mermin_cli.flows.filters import FlowFilter, KernelFilter
 from mermin_cli.flows.record import FlowRecord
-from mermin_cli.flows.table import FlowTable
 from mermin_cli.flows.tracker import FlowTracker
 from mermin_cli.pipeline.pcapfile import (
     LINK_NAMES,
@@ -205,7 +204,7 @@ class OfflineCapture:
         KernelFilter.from_config(self.config.filter).load(program.bpf)
         clock = RecordingClock()
         tracker = FlowTracker(
-            FlowTable.of(program, capacity),
+            program.table,
             self.config.span,
             lambda _ifindex: stream.name,
             host=LocalHost(refresh_interval=math.inf),  # a recording has no local addresses

@@ -157,7 +157,11 @@ class RunState:
             ],
             "patterns": list(self.hooks.patterns),
             "kernel": dict(self.counters),
-            "table": {"entries": self.tracker.table_size, "capacity": self.program.max_flows},
+            "table": {
+                "entries": self.tracker.table_size,
+                "capacity": self.program.max_flows,
+                **self.program.table.occupancy(),
+            },
             "flow_cache": self._flow_cache(),
             "flows": {
                 "tracked": len(self.tracker.flows),
