@@ -9,13 +9,14 @@ time per run of each test-run call, and the median of `--runs` calls is kept.
   would insert only once, so flow.c is compiled again with a bench-only entry point that
   runs the same `handle()` and then bumps the frame's IPv4 source address: every run of a
   call inserts a new flow. A sample fills the table to half its capacity in `--chunks`
-  calls, each from its own /16, after emptying it; the new-flow event rings are drained
-  between calls as the capture does, and every event must arrive (a full ring would make
-  events cheap failures). The bump itself is timed alone and subtracted. The same wrapper
-  bumping the IP ID instead (every run a hit) must reproduce the hit row: that row checks
-  the method.
-* The cost of a new flow is mostly cache misses in the kernel's hash table (bucket array,
-  element), so it grows with the table: it is measured at the default capacity
+  calls, each from its own /16, after emptying it as a poll does (read, delete, sweep:
+  runs of DELETED slots longer than a sweep's reach stay, as in a capture); the new-flow
+  event rings are drained between calls as the capture does, and every event must arrive
+  (a full ring would make events cheap failures). The bump itself is timed alone and
+  subtracted. The same wrapper bumping the IP ID instead (every run a hit) must reproduce
+  the hit row: that row checks the method.
+* The cost of a new flow is mostly cache misses in the flow table (the slots a lookup and
+  a claim touch), so it grows with the table: it is measured at the default capacity
   (pipeline.flow_capture.flow_stats_capacity, judged against the target) and at 4x it.
 * Hit spread over the table: the same calls run again on the half-full table, so every run
   is a hit on another flow (cold lines, as with many busy flows). No target: for reading

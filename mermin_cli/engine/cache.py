@@ -40,8 +40,8 @@ CACHE_SLOTS = 256  # bpf/flow.c
 SLOT_SIZE = 96  # sizeof(struct cache_slot)
 SLOT_COUNTS = struct.Struct("<QQQ")  # gen, packets[0], packets[1]
 SLOT_COUNTS_OFFSET = 48
-ABSORB_MAX = 32  # slots per run of mermin_cache_absorb
-FLUSH_CHUNK = 32  # slots per run of mermin_cache_flush
+ABSORB_MAX = 16  # slots per run of mermin_cache_absorb
+FLUSH_CHUNK = 16  # slots per run of mermin_cache_flush
 
 
 class FlowCache:

@@ -36,7 +36,7 @@ from mermin_cli.engine.layout import (
 )
 
 USE_STRIDE = 8  # struct table_use: one u64 and seven of padding (a cache line)
-SWEEP_MAX = 64  # slot indices per run of mermin_table_sweep
+SWEEP_MAX = 16  # slot indices per run of mermin_table_sweep
 _MASK = 0xFFFFFFFF
 
 
