@@ -607,10 +607,11 @@ static __always_inline __u32 home_slot(__u32 h)
     return ((__u64)h * FLOW_SLOTS) >> 32;
 }
 
-/* The key's slot, or NULL. Few branches per probe: each is another path to verify, and
+/* The key's slot (its index in `*at`), or NULL. Few branches per probe: each is another path to verify, and
  * this loop is inlined into every entry point. Not unrolled: clang took 0.5 s longer to
  * compile the unrolled copies, and the verifier walks each pass either way. */
-static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u32 h)
+static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u32 h,
+                                                   __u32 *at)
 {
     __u32 home = home_slot(h);
 #pragma clang loop unroll(disable)
@@ -621,19 +622,14 @@ static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u
             return NULL;
         __u64 state = s->state;
         if (((state ^ SLOT_FULL) | (s->hash ^ h)) == 0 &&
-            key_equal((const __u64 *)&s->key, (const __u64 *)k))
+            key_equal((const __u64 *)&s->key, (const __u64 *)k)) {
+            *at = idx;
             return s;
+        }
         if (state == SLOT_EMPTY)
             return NULL; /* no probe sequence goes on past an EMPTY slot */
     }
     return NULL;
-}
-
-/* The stats of the key's entry, or NULL. */
-static __always_inline struct flow_stats *flow_lookup(const struct flow_key *k)
-{
-    struct flow_slot *s = flow_find(k, flow_hash(k));
-    return s ? &s->stats : NULL;
 }
 
 /* The slot for a new entry: the key's, if another CPU has just created it (`*created`
@@ -894,7 +890,7 @@ static __always_inline int rejected(struct pkt *p, __u8 dir, __u32 active)
  * the other way round, and that program sees the even generation and leaves the slots
  * alone: no atomics on either side. Slots of an older generation are free for any flow.
  */
-#define CACHE_SLOTS 256 /* a power of two; 24 KiB per CPU */
+#define CACHE_SLOTS 256 /* a power of two; 26 KiB per CPU */
 #define CACHE_BYPASS (TCP_SYN | TCP_FIN | TCP_RST)
 
 struct cache_slot {
@@ -906,6 +902,8 @@ struct cache_slot {
     __u64 packets[2];   /* [dir] counts not yet in the entry */
     __u64 bytes[2];
     __u64 last;         /* table_time() of the latest cached packet */
+    __u32 entry;        /* the flow's slot in `flows`: a flush needs no lookup */
+    __u32 pad2;
 };
 
 BPF_PERCPU_ARRAY(flow_cache, struct cache_slot, CACHE_SLOTS);
@@ -964,13 +962,14 @@ static __always_inline void cache_clear(struct cache_slot *c)
 /* After a table hit: take a slot of an older generation (first come, first served until
  * the next poll), or refresh our own slot's view of the entry's metadata. */
 static __always_inline void cache_fill(struct cache_slot *c, int mine, struct flow_key *k,
-                                       __u64 gen, struct flow_stats *s)
+                                       __u64 gen, struct flow_stats *s, __u32 entry)
 {
     if (!mine) {
         if (c->gen == gen)
             return; /* another flow's this generation */
         __builtin_memcpy(&c->key, k, sizeof(*k));
         c->gen = gen;
+        c->entry = entry; /* stays the flow's: deletes wait for a flush (see above) */
         cache_clear(c);
     }
     c->meta_seen = s->meta_seen;
@@ -997,8 +996,10 @@ static __always_inline int cache_drain(struct cache_slot *c, __u64 ended)
         cache_clear(c);
         return 0;
     }
-    struct flow_stats *s = flow_lookup(&c->key);
-    if (s) {
+    __u32 at = c->entry;
+    struct flow_slot *e = flows.lookup(&at);
+    if (e && e->state == SLOT_FULL && key_equal((const __u64 *)&e->key, (const __u64 *)&c->key)) {
+        struct flow_stats *s = &e->stats;
         __sync_fetch_and_add(&s->packets[0], c->packets[0]);
         __sync_fetch_and_add(&s->packets[1], c->packets[1]);
         __sync_fetch_and_add(&s->bytes[0], c->bytes[0]);
@@ -1037,7 +1038,7 @@ int mermin_cache_flush(struct __sk_buff *skb)
  * after a 14-byte frame header; with the cache off, on any CPU. Returns how many held
  * counts of the ended generation. A slot is only read here, so if its CPU comes back,
  * its own flush must skip those counts: cache_drain() drains the ended generation only. */
-#define ABSORB_MAX 16 /* slots per run (a page, the most a test run takes, would hold 42) */
+#define ABSORB_MAX 16 /* slots per run (a page, the most a test run takes, would hold 39) */
 int mermin_cache_absorb(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
@@ -1184,13 +1185,13 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, int re
     if (c && cache_hit(c, mine, p, dir, now))
         return;
 #endif
-    __u32 h = flow_hash(&p->key);
-    struct flow_slot *slot = flow_find(&p->key, h);
+    __u32 h = flow_hash(&p->key), at = 0;
+    struct flow_slot *slot = flow_find(&p->key, h, &at);
     if (slot) {
         update(&slot->stats, p, dir, now);
 #ifndef OFFLINE_CLOCK
         if (c)
-            cache_fill(c, mine, &p->key, gen, &slot->stats);
+            cache_fill(c, mine, &p->key, gen, &slot->stats, at);
 #endif
         return;
     }
