@@ -190,8 +190,8 @@ class BenchModule:
         self.table: FlowTable | None = None
         if b"mermin_table_sweep" in source:  # else a hash map: a variant from before 2026-12
             sweep = self.bpf.load_func(b"mermin_table_sweep", bcc.BPF.SCHED_CLS).fd
-            use = self.bpf["flow_use"].map_fd
-            self.table = FlowTable(self.bpf["flows"].map_fd, use, sweep, capacity, None)
+            maps = (self.bpf[name].map_fd for name in ("flow_ctl", "flows", "flow_use"))
+            self.table = FlowTable(tuple(maps), sweep, capacity, None)
 
     def _count_event(self, _ctx: Any, _data: Any, _size: int) -> int:
         self._events += 1

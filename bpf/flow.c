@@ -167,14 +167,24 @@ enum {
 };
 
 /*
- * The flow table: open addressing with linear probing in an mmapable array, instead of a
+ * The flow table: open addressing with linear probing in mmapable arrays, instead of a
  * BPF hash map. In bench/kernel_cost.py a hash map's insert (a helper call, a bucket
  * lock with interrupts off, a per-CPU free list) and its miss (jhash, the bucket walk)
- * were most of a new flow's cost; here a miss reads a few adjacent slots and an insert
- * claims one with a compare-and-swap. User space reads the whole table through mmap.
+ * were most of a new flow's cost; here a miss reads a cache line or two of control
+ * words and an insert claims a slot with a compare-and-swap. User space reads the table
+ * through mmap.
  *
- * A key lives in one of the FLOW_PROBES slots from its home slot on (the array has
- * FLOW_PROBES slots past FLOW_SLOTS, so probing never wraps). A slot's state goes:
+ * Each slot has a control word in `flow_ctl`, hash << 32 | state, eight to a cache line:
+ * a probe compares one word, and only a word equal to the key's hash and FULL sends it
+ * to the slot's key in `flows`. User space finds the full slots by scanning the words,
+ * not the 192-byte slots (a table of 2^20 slots is 8 MiB of words, 192 MiB of slots).
+ *
+ * A key lives in one of the FLOW_PROBES slots from its home slot on (the arrays have
+ * FLOW_PROBES slots past FLOW_SLOTS, so probing never wraps). With 16, a table 38 % full
+ * (400,000 flows in 2^20 slots, bench/flowrate.py) had 8 flows find every slot of their
+ * sequence taken; in a simulation with this hash, 48 left 1 of 524,288 flows out of a
+ * full table, 64 none (eight lines of control words at most; a miss reads until the
+ * first EMPTY word, 2.5 words on average with the table full). A slot's state goes:
  *   EMPTY or DELETED -> CLAIMED   kernel, compare-and-swap (one claimer wins)
  *   CLAIMED -> FULL               kernel, after writing key and stats
  *   FULL -> DELETED               user space (engine/table.py), after reading the stats
@@ -190,21 +200,25 @@ enum {
 #define FLOW_SLOTS (2 * MAX_FLOWS)
 #endif
 #ifndef FLOW_PROBES
-#define FLOW_PROBES 16
+#define FLOW_PROBES 64
 #endif
 
-/* Odd states are taken: a claim looks for an even one. */
+/* The low bits of a control word. Odd states are taken: a claim looks for an even one.
+ * EMPTY is the whole word 0; DELETED keeps the hash. */
 enum { SLOT_EMPTY = 0, SLOT_FULL = 1, SLOT_DELETED = 2, SLOT_CLAIMED = 3 };
+#define SLOT_STATE 3
 #define SLOT_BUSY 1
+#define NO_SLOT 0xffffffff
 
 struct flow_slot {
     struct flow_key key;
-    __u32 hash;              /* flow_hash(key): most mismatches cost one compare */
-    __u64 state;             /* SLOT_*: u64, as BCC has no 32-bit compare-and-swap */
-    __u64 pad0;
+    __u32 pad0;
+    __u64 pad1[2];
     struct flow_stats stats; /* a cache line of its own for the hot counters */
-    __u64 pad1[4];           /* 192 bytes: slots never share a line */
+    __u64 pad2[4];           /* 192 bytes: slots never share a line */
 };
+/* u64 words: BCC has no 32-bit compare-and-swap */
+BPF_F_TABLE("array", __u32, __u64, flow_ctl, FLOW_SLOTS + FLOW_PROBES, BPF_F_MMAPABLE);
 BPF_F_TABLE("array", __u32, struct flow_slot, flows, FLOW_SLOTS + FLOW_PROBES,
             BPF_F_MMAPABLE);
 
@@ -587,87 +601,124 @@ static __always_inline int key_equal(const __u64 *a, const __u64 *b)
     return diff == 0;
 }
 
-/* Multiply-xor over the key's 11 words (engine/table.py computes the same). */
-static __always_inline __u32 flow_hash(const struct flow_key *k)
+/* Multiply-xor over the key's 11 words, 64 bits wide (engine/table.py computes the
+ * same): the high half picks the home slot, all but the two state bits are the slot's
+ * tag in its control word. */
+static __always_inline __u64 flow_hash(const struct flow_key *k)
 {
     const __u32 *w = (const __u32 *)k;
-    __u32 h = 0x9e3779b9;
+    __u64 h = 0x9e3779b97f4a7c15ULL;
 #pragma unroll
     for (int i = 0; i < sizeof(*k) / 4; i++) {
         h ^= w[i];
-        h *= 0x85ebca6b;
-        h ^= h >> 13;
+        h *= 0xbf58476d1ce4e5b9ULL;
+        h ^= h >> 29;
     }
     return h;
 }
 
-/* The key's home slot: the hash scaled to FLOW_SLOTS (a multiply, not a division). */
-static __always_inline __u32 home_slot(__u32 h)
+/* The key's home slot: the hash's high half scaled to FLOW_SLOTS (no division). */
+static __always_inline __u32 home_slot(__u64 h)
 {
-    return ((__u64)h * FLOW_SLOTS) >> 32;
+    return ((h >> 32) * FLOW_SLOTS) >> 32;
 }
 
-/* The key's slot (its index in `*at`), or NULL. Few branches per probe: each is another path to verify, and
- * this loop is inlined into every entry point. Not unrolled: clang took 0.5 s longer to
- * compile the unrolled copies, and the verifier walks each pass either way. */
-static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u32 h,
+/* The control word of a FULL slot of this hash. */
+static __always_inline __u64 full_word(__u64 h)
+{
+    return (h & ~(__u64)SLOT_STATE) | SLOT_FULL;
+}
+
+/* Slot `idx`, if its key is `k`. */
+static __always_inline struct flow_slot *slot_of(__u32 idx, const struct flow_key *k)
+{
+    struct flow_slot *s = flows.lookup(&idx);
+    return s && key_equal((const __u64 *)&s->key, (const __u64 *)k) ? s : NULL;
+}
+
+/*
+ * The probe loops compare control words only, and the key once after: the verifier walks
+ * every pass of a loop for every path that reaches it, and a key compare in each pass
+ * made the Ethernet entry point verify three times the instructions (start-up +0.4 s).
+ * So the first slot whose word matches is taken as the key's: with 62 bits of tag, two
+ * keys of one probe sequence share a tag with odds of about 10^-17 per packet, and then
+ * the packet is counted as not accounted (CTR_MAP_FULL) rather than added to the wrong
+ * flow. Not unrolled: clang took 0.5 s longer to compile the unrolled copies.
+ */
+
+/* The key's slot (its index in `*at`), or NULL. */
+static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u64 h,
                                                    __u32 *at)
 {
-    __u32 home = home_slot(h);
+    __u32 home = home_slot(h), found = NO_SLOT;
+    __u64 want = full_word(h);
 #pragma clang loop unroll(disable)
     for (__u32 i = 0; i < FLOW_PROBES; i++) {
         __u32 idx = home + i;
-        struct flow_slot *s = flows.lookup(&idx);
-        if (!s)
-            return NULL;
-        __u64 state = s->state;
-        if (((state ^ SLOT_FULL) | (s->hash ^ h)) == 0 &&
-            key_equal((const __u64 *)&s->key, (const __u64 *)k)) {
-            *at = idx;
-            return s;
+        __u64 *ctl = flow_ctl.lookup(&idx);
+        if (!ctl || *ctl == SLOT_EMPTY)
+            break; /* no probe sequence goes on past an EMPTY slot */
+        if (*ctl == want) {
+            found = idx;
+            break;
         }
-        if (state == SLOT_EMPTY)
-            return NULL; /* no probe sequence goes on past an EMPTY slot */
     }
-    return NULL;
+    if (found == NO_SLOT)
+        return NULL;
+    *at = found;
+    return slot_of(found, k);
 }
 
 /* The slot for a new entry: the key's, if another CPU has just created it (`*created`
- * 0), else the first free (EMPTY or DELETED) slot, claimed and filled (`*created` 1);
- * NULL if there is none. A claim lost to another CPU goes on to the next slot. */
-static __always_inline struct flow_slot *flow_claim(const struct flow_key *k, __u32 h,
-                                                    const struct flow_stats *init,
-                                                    int *created)
+ * 0), else the first free (EMPTY or DELETED) slot, claimed with its key written
+ * (`*created` 1: the caller fills the stats, then publishes it); NULL if there is none.
+ * A claim lost to another CPU goes on to the next slot. `*at`: the slot's index. */
+static __always_inline struct flow_slot *flow_claim(const struct flow_key *k, __u64 h,
+                                                    __u32 *at, int *created)
 {
-    __u32 home = home_slot(h);
+    __u32 home = home_slot(h), found = NO_SLOT;
+    __u64 want = full_word(h);
     *created = 0;
 #pragma clang loop unroll(disable)
     for (__u32 i = 0; i < FLOW_PROBES; i++) {
         __u32 idx = home + i;
-        struct flow_slot *s = flows.lookup(&idx);
-        if (!s)
-            return NULL;
-        __u64 state = s->state;
-        if (state & SLOT_BUSY) {
-            if (((state ^ SLOT_FULL) | (s->hash ^ h)) == 0 &&
-                key_equal((const __u64 *)&s->key, (const __u64 *)k))
-                return s;
-            continue;
+        __u64 *ctl = flow_ctl.lookup(&idx);
+        if (!ctl)
+            break;
+        __u64 word = *ctl;
+        if (word == want) {
+            found = idx; /* created meanwhile by another CPU */
+            break;
         }
-        if (__sync_val_compare_and_swap(&s->state, state, SLOT_CLAIMED) != state)
-            continue;
-        __builtin_memcpy(&s->key, k, sizeof(*k));
-        s->hash = h;
-        __builtin_memcpy(&s->stats, init, sizeof(*init));
-        s->state = SLOT_FULL; /* after the key and stats (see the table's comment) */
-        __u32 claims = 0;
-        struct table_use *use = flow_use.lookup(&claims);
-        if (use)
-            __sync_fetch_and_add(&use->n, 1);
-        *created = 1;
-        return s;
+        if (!(word & SLOT_BUSY) &&
+            __sync_val_compare_and_swap(ctl, word, want | SLOT_CLAIMED) == word) {
+            found = idx;
+            *created = 1;
+            break;
+        }
     }
-    return NULL;
+    if (found == NO_SLOT)
+        return NULL;
+    *at = found;
+    if (!*created)
+        return slot_of(found, k);
+    struct flow_slot *s = flows.lookup(&found);
+    if (s)
+        __builtin_memcpy(&s->key, k, sizeof(*k));
+    return s; /* NULL cannot happen: both arrays have the same size */
+}
+
+/* Make a claimed slot FULL, after its key and stats are written (see the table's
+ * comment), and count the claim. */
+static __always_inline void flow_publish(__u32 idx, __u64 h)
+{
+    __u64 *ctl = flow_ctl.lookup(&idx);
+    if (ctl)
+        *ctl = full_word(h);
+    __u32 claims = 0;
+    struct table_use *use = flow_use.lookup(&claims);
+    if (use)
+        __sync_fetch_and_add(&use->n, 1);
 }
 
 /* Entries in use, claims minus user space's deletes. */
@@ -686,7 +737,8 @@ static __always_inline __u64 flows_in_use(void)
  * compare-and-swap, as a CPU may claim the same DELETED slot meanwhile. It checks every
  * step itself, so a stale or wrong index never breaks a probe sequence. Returns how many
  * slots it emptied. */
-#define SWEEP_MAX 16 /* indices per run: the verifier walks every pass */
+#define SWEEP_MAX 16  /* indices per run: the verifier walks every pass */
+#define SWEEP_WALK 16 /* slots walked back from each; a longer run waits for the next sweep */
 int mermin_table_sweep(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
@@ -697,14 +749,15 @@ int mermin_table_sweep(struct __sk_buff *skb)
         if ((void *)(at + 1) > data_end)
             break;
         __u32 next = *at;
-        for (__u32 step = 0; step < FLOW_PROBES; step++) {
+        for (__u32 step = 0; step < SWEEP_WALK; step++) {
             __u32 idx = next - 1;
-            struct flow_slot *after = flows.lookup(&next); /* past the end: as if EMPTY */
-            struct flow_slot *s = flows.lookup(&idx);      /* none before slot 0 */
-            if (!s || (after ? after->state != SLOT_EMPTY : next != FLOW_SLOTS + FLOW_PROBES))
+            __u64 *after = flow_ctl.lookup(&next); /* past the end: as if EMPTY */
+            __u64 *ctl = flow_ctl.lookup(&idx);    /* none before slot 0 */
+            if (!ctl || (after ? *after != SLOT_EMPTY : next != FLOW_SLOTS + FLOW_PROBES))
                 break;
-            if (__sync_val_compare_and_swap(&s->state, SLOT_DELETED, SLOT_EMPTY) !=
-                SLOT_DELETED)
+            __u64 word = *ctl;
+            if ((word & SLOT_STATE) != SLOT_DELETED ||
+                __sync_val_compare_and_swap(ctl, word, SLOT_EMPTY) != word)
                 break;
             swept++;
             next = idx;
@@ -748,34 +801,11 @@ static __always_inline int emit_event(struct pkt *p, const struct flow_stats *fi
 }
 
 /* A new entry for the packet's flow (`h`: its key's hash). */
-static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now, __u32 h)
+static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now, __u64 h)
 {
-    struct flow_stats init = {};
-    init.first_ns = now;
-    init.first_dir = dir;
-    init.first_hook = hook;
-    init.syn_dir = DIR_NONE;
-    init.synack_dir = DIR_NONE;
-    init.last_ns = now;
-    init.vlan_id = p->vlan_id;
-    __builtin_memcpy(init.mac, p->mac, 6);
-    init.flags = p->no_l4 == NO_L4_FRAGMENT ? FLOW_F_FRAGMENT : 0;
-    /* Not yet shared: plain stores (a locked add costs as much on the stack). */
-    if (dir) {
-        init.packets[1] = 1;
-        init.bytes[1] = p->ip_len;
-        init.tcp_flags[1] = p->tcp_flags;
-    } else {
-        init.packets[0] = 1;
-        init.bytes[0] = p->ip_len;
-        init.tcp_flags[0] = p->tcp_flags;
-    }
-    set_meta(&init, p, dir);
-    if (p->tcp_flags & TCP_SYN)
-        note_handshake(&init, p->tcp_flags, dir);
-
+    __u32 at = 0;
     int created = 0;
-    struct flow_slot *s = flows_in_use() < MAX_FLOWS ? flow_claim(&p->key, h, &init, &created)
+    struct flow_slot *s = flows_in_use() < MAX_FLOWS ? flow_claim(&p->key, h, &at, &created)
                                                      : NULL;
     if (!s) {
         count(CTR_MAP_FULL, 1);
@@ -787,8 +817,33 @@ static __always_inline void create(struct pkt *p, __u8 dir, __u8 hook, __u64 now
         update(&s->stats, p, dir, now);
         return;
     }
+    /* Claimed, not yet visible to any other CPU: plain stores. */
+    struct flow_stats *init = &s->stats;
+    __builtin_memset(init, 0, sizeof(*init));
+    init->first_ns = now;
+    init->first_dir = dir;
+    init->first_hook = hook;
+    init->syn_dir = DIR_NONE;
+    init->synack_dir = DIR_NONE;
+    init->last_ns = now;
+    init->vlan_id = p->vlan_id;
+    __builtin_memcpy(init->mac, p->mac, 6);
+    init->flags = p->no_l4 == NO_L4_FRAGMENT ? FLOW_F_FRAGMENT : 0;
+    if (dir) {
+        init->packets[1] = 1;
+        init->bytes[1] = p->ip_len;
+        init->tcp_flags[1] = p->tcp_flags;
+    } else {
+        init->packets[0] = 1;
+        init->bytes[0] = p->ip_len;
+        init->tcp_flags[0] = p->tcp_flags;
+    }
+    set_meta(init, p, dir);
+    if (p->tcp_flags & TCP_SYN)
+        note_handshake(init, p->tcp_flags, dir);
+    flow_publish(at, h);
     count(CTR_NEW_FLOWS, 1);
-    if (!emit_event(p, &init))
+    if (!emit_event(p, init))
         count(CTR_EVENTS_DROPPED, 1);
 }
 
@@ -997,8 +1052,9 @@ static __always_inline int cache_drain(struct cache_slot *c, __u64 ended)
         return 0;
     }
     __u32 at = c->entry;
-    struct flow_slot *e = flows.lookup(&at);
-    if (e && e->state == SLOT_FULL && key_equal((const __u64 *)&e->key, (const __u64 *)&c->key)) {
+    __u64 *ctl = flow_ctl.lookup(&at);
+    struct flow_slot *e = ctl && (*ctl & SLOT_STATE) == SLOT_FULL ? slot_of(at, &c->key) : NULL;
+    if (e) {
         struct flow_stats *s = &e->stats;
         __sync_fetch_and_add(&s->packets[0], c->packets[0]);
         __sync_fetch_and_add(&s->packets[1], c->packets[1]);
@@ -1185,7 +1241,8 @@ static __always_inline void account(struct __sk_buff *skb, struct pkt *p, int re
     if (c && cache_hit(c, mine, p, dir, now))
         return;
 #endif
-    __u32 h = flow_hash(&p->key), at = 0;
+    __u64 h = flow_hash(&p->key);
+    __u32 at = 0;
     struct flow_slot *slot = flow_find(&p->key, h, &at);
     if (slot) {
         update(&slot->stats, p, dir, now);

@@ -42,19 +42,21 @@ import pytest
 
 from mermin_cli.engine import bpfsys, cache, cpus
 from mermin_cli.engine.clock import ticks_aligned
-from mermin_cli.engine.compiler import EVENT_BYTES, event_slots, flow_slots
+from mermin_cli.engine.compiler import EVENT_BYTES, FLOW_PROBES, event_slots, flow_slots
 from mermin_cli.engine.layout import (
     COUNTERS,
     DIR_NONE,
     FLOW_F_FRAGMENT,
     HOOK_EGRESS,
     KEY_DTYPE,
+    SLOT_DTYPE,
     SLOT_EMPTY,
     SLOT_FULL,
+    SLOT_STATE,
     STATS_DTYPE,
 )
 from mermin_cli.engine.program import FlowProgram
-from mermin_cli.engine.table import flow_hash
+from mermin_cli.engine.table import FlowTable, flow_hash
 from mermin_cli.flows.tracker import first_of_event, first_of_stats
 
 try:  # tests/ as a package, or (default) as a plain directory on sys.path
@@ -1496,7 +1498,12 @@ def key_row(k: Key) -> np.void:
 
 
 def home_of(k: Key) -> int:
-    return (flow_hash(key_row(k).tobytes()) * flow_slots(CAPACITY)) >> 32
+    return ((flow_hash(key_row(k).tobytes()) >> 32) * flow_slots(CAPACITY)) >> 32
+
+
+def full_slots(table: FlowTable) -> list[int]:
+    """Indices of the table's FULL slots."""
+    return [int(i) for i in np.flatnonzero((table._ctl & SLOT_STATE) == SLOT_FULL)]
 
 
 def take_keys(kernel: Kernel, *keys: Key) -> list[np.void]:
@@ -1534,15 +1541,15 @@ def test_deleted_slots_keep_probe_sequences_whole(kernel: Kernel) -> None:
     take_keys(kernel, k2)
     assert kernel.table.occupancy()["deleted"] == 1  # not swept: k3 lies beyond it
     # Nor when user space names k3's slot as the place to sweep back from: flow.c checks.
-    slots = kernel.table._slots
-    at_k3 = next(i for i in range(home, home + 16) if key_of(slots[i]["key"]) == k3)
+    at_k3 = next(i for i in full_slots(kernel.table) if key_of(kernel.table._slots[i]["key"]) == k3)
     sweep_fd = kernel.table._sweep_fd
     assert bpfsys.prog_test_run(sweep_fd, bytes(14) + struct.pack("<I", at_k3)).retval == 0
     assert kernel.table.occupancy()["deleted"] == 1
     kernel.run(f3)  # a hit past the DELETED slot, not a new entry
     assert kernel.flows()[k3]["packets"].tolist() == [2, 0]
     kernel.run(f2)  # the flow again: the DELETED slot is taken back
-    assert kernel.table.occupancy() == {"slots": 2 * CAPACITY + 16, "full": 3, "deleted": 0}
+    slots = 2 * CAPACITY + FLOW_PROBES
+    assert kernel.table.occupancy() == {"slots": slots, "full": 3, "deleted": 0}
     take_keys(kernel, k2, k3)
     assert kernel.table.occupancy()["deleted"] == 0  # swept back from the EMPTY slot after
     assert list(kernel.flows()) == [k1]
@@ -1556,16 +1563,17 @@ def test_a_duplicate_entry_is_merged_and_taken_with_its_twin(kernel: Kernel) -> 
     for f in (frame, frame, other):
         kernel.run(f)
     table = kernel.table
-    slots = table._slots
-    full = np.flatnonzero(slots["state"] == SLOT_FULL)
-    at = next(int(i) for i in full if key_of(slots[i]["key"]) == k)
-    spare = next(i for i in range(at + 1, at + 16) if slots[i]["state"] == SLOT_EMPTY)
-    twin = slots[at].copy()
+    at = next(i for i in full_slots(table) if key_of(table._slots[i]["key"]) == k)
+    spare = next(i for i in range(at + 1, at + FLOW_PROBES) if table._ctl[i] == SLOT_EMPTY)
+    twin = table._slots[at].copy()
     twin["stats"]["packets"] = [3, 4]
     twin["stats"]["bytes"] = [300, 400]
     twin["stats"]["last_ns"] += 1000
-    slots[spare] = twin  # state FULL with the rest: a claimed and filled slot
-    np.frombuffer(table._maps[1], "<u8")[0] += 1  # and the claim counted, as flow.c does
+    size = len(table._ctl) * SLOT_DTYPE.itemsize
+    with bpfsys.map_mmap(kernel.program.bpf[b"flows"].map_fd, size, writable=True) as raw:
+        np.frombuffer(raw, SLOT_DTYPE, len(table._ctl))[spare] = twin
+    table._ctl[spare] = table._ctl[at]  # FULL, with the key's hash: a claimed, filled slot
+    np.frombuffer(table._maps[2], "<u8")[0] += 1  # and the claim counted, as flow.c does
     found = kernel.flows()
     assert found[k]["packets"].tolist() == [5, 4] and found[k]["bytes"].tolist() == [356, 400]
     assert found[k_other]["packets"].tolist() == [1, 0]

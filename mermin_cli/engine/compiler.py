@@ -26,7 +26,7 @@ log = logging.getLogger("mermin.engine")
 T = TypeVar("T")
 
 EVENT_BYTES = 64  # struct flow_event in bpf/flow.c (layout.EVENT_DTYPE checks it)
-FLOW_PROBES = 16  # slots a key may be found in, from its home slot on (bpf/flow.c)
+FLOW_PROBES = 64  # slots a key may be found in, from its home slot on (bpf/flow.c)
 
 
 def kernel_version() -> tuple[int, int]:

@@ -48,14 +48,15 @@ STATS_DTYPE = np.dtype(
 SLOT_DTYPE = np.dtype(
     [
         ("key", KEY_DTYPE),
-        ("hash", "<u4"),
-        ("state", "<u8"),
-        ("pad0", "<u8"),
+        ("pad0", "<u4"),
+        ("pad1", "<u8", (2,)),
         ("stats", STATS_DTYPE),
-        ("pad1", "<u8", (4,)),
+        ("pad2", "<u8", (4,)),
     ]
 )
-SLOT_EMPTY, SLOT_FULL, SLOT_DELETED, SLOT_CLAIMED = 0, 1, 2, 3  # enum in bpf/flow.c
+# A slot's control word in `flow_ctl` is hash << 32 | state (bpf/flow.c).
+SLOT_EMPTY, SLOT_FULL, SLOT_DELETED, SLOT_CLAIMED = 0, 1, 2, 3
+SLOT_STATE = 3  # the state's bits
 
 DIR_NONE = 0xFF
 FLOW_F_FRAGMENT = 0x01

@@ -76,8 +76,7 @@ class FlowProgram:
                 self.bpf[b"flow_cache"].map_fd,
             )
         self.table = FlowTable(
-            flows.map_fd,
-            self.bpf[b"flow_use"].map_fd,
+            (self.bpf[b"flow_ctl"].map_fd, flows.map_fd, self.bpf[b"flow_use"].map_fd),
             fds["mermin_table_sweep"],
             max_flows,
             self.clock,

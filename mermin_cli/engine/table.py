@@ -1,9 +1,11 @@
 """Read the kernel flow table through mmap and remove expired entries.
 
-The table is the open-addressing array of bpf/flow.c (see its comment there): `read()`
-copies every FULL slot with numpy, with no system call. A delete marks the slot DELETED
-(only user space ever leaves FULL, so a plain store is safe) and adds one to the deletes
-the kernel subtracts from its claims to know how full the table is. Lookups in the kernel
+The table is the open-addressing table of bpf/flow.c (see its comment there): a control
+word per slot (hash << 32 | state) in `flow_ctl`, the keys and stats in `flows`. `read()`
+finds the FULL words and copies their slots with numpy, with no system call. A delete
+marks the word DELETED (only user space ever leaves FULL, so a plain store is safe) and
+adds one to the deletes the kernel subtracts from its claims to know how full the table
+is. Lookups in the kernel
 stop at an EMPTY slot and pass DELETED ones, so when a poll has deleted entries, `sweep()`
 has the kernel turn DELETED slots before EMPTY ones back into EMPTY.
 
@@ -32,22 +34,28 @@ from mermin_cli.engine.layout import (
     SLOT_DTYPE,
     SLOT_EMPTY,
     SLOT_FULL,
+    SLOT_STATE,
     STATS_DTYPE,
 )
 
 USE_STRIDE = 8  # struct table_use: one u64 and seven of padding (a cache line)
 SWEEP_MAX = 16  # slot indices per run of mermin_table_sweep
-_MASK = 0xFFFFFFFF
+_MASK = (1 << 64) - 1
 
 
 def flow_hash(key: bytes) -> int:
     """flow_hash() of bpf/flow.c: multiply-xor over the key's 11 little-endian words."""
-    h = 0x9E3779B9
+    h = 0x9E3779B97F4A7C15
     for i in range(0, KEY_DTYPE.itemsize, 4):
         h ^= int.from_bytes(key[i : i + 4], "little")
-        h = (h * 0x85EBCA6B) & _MASK
-        h ^= h >> 13
+        h = (h * 0xBF58476D1CE4E5B9) & _MASK
+        h ^= h >> 29
     return h
+
+
+def full_word(h: int) -> int:
+    """The control word of a FULL slot of hash `h` (its tag and the state)."""
+    return (h & ~SLOT_STATE) | SLOT_FULL
 
 
 def merge(stats: np.ndarray) -> np.void:
@@ -67,28 +75,30 @@ class FlowTable:
 
     def __init__(
         self,
-        slots_fd: int,
-        use_fd: int,
+        fds: tuple[int, int, int],
         sweep_fd: int,
         capacity: int,
         clock: TickClock | None,
         cache: FlowCache | None = None,
     ) -> None:
-        """The `flows` and `flow_use` maps and mermin_table_sweep of a program compiled for
-        `capacity` entries. `clock` converts the kernel's timestamps; None when they are
-        already ns. `cache`: the program's flow cache, drained by `settled()`."""
+        """`fds`: the `flow_ctl`, `flows` and `flow_use` maps of a program compiled for
+        `capacity` entries; `sweep_fd`: its mermin_table_sweep. `clock` converts the
+        kernel's timestamps; None when they are already ns. `cache`: the program's flow
+        cache, drained by `settled()`."""
         self.capacity = capacity
         self.clock = clock
         self.cache = cache
         self._homes = flow_slots(capacity)
         slots = self._homes + FLOW_PROBES
+        ctl_fd, slots_fd, use_fd = fds
         self._maps: list[mmap.mmap] = [
-            bpfsys.map_mmap(slots_fd, slots * SLOT_DTYPE.itemsize, writable=True),
+            bpfsys.map_mmap(ctl_fd, slots * 8, writable=True),
+            bpfsys.map_mmap(slots_fd, slots * SLOT_DTYPE.itemsize),
             bpfsys.map_mmap(use_fd, 2 * USE_STRIDE * 8, writable=True),
         ]
-        self._slots = np.frombuffer(self._maps[0], SLOT_DTYPE, slots)
-        self._state = self._slots["state"]
-        self._deletes = np.frombuffer(self._maps[1], "<u8", 2 * USE_STRIDE)[USE_STRIDE:][:1]
+        self._ctl = np.frombuffer(self._maps[0], "<u8", slots)
+        self._slots = np.frombuffer(self._maps[1], SLOT_DTYPE, slots)
+        self._deletes = np.frombuffer(self._maps[2], "<u8", 2 * USE_STRIDE)[USE_STRIDE:][:1]
         self._sweep_fd = sweep_fd
         self._swept = True  # no DELETED slot waits for a sweep
         # The last read's rows: the slot of each, and the other slots of merged ones.
@@ -105,26 +115,26 @@ class FlowTable:
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Copy of every (key, stats) row in the table, one per key."""
-        full = np.flatnonzero(self._state == SLOT_FULL)
-        rows = self._slots[full]  # the slots stay FULL: only user space leaves FULL
+        full = np.flatnonzero((self._ctl & SLOT_STATE) == SLOT_FULL)
+        words = self._ctl[full]  # the words stay FULL: only user space leaves FULL
+        rows = self._slots[full]
         keys, vals = rows["key"].copy(), rows["stats"].copy()
         self._read_slots, self._read_extra = full, {}
-        hashes = rows["hash"]
-        if len(np.unique(hashes)) < len(hashes):
-            keys, vals = self._merge_duplicates(keys, vals, hashes)
+        if len(np.unique(words)) < len(words):  # a key in two slots: one tag twice
+            keys, vals = self._merge_duplicates(keys, vals, words)
         if self.clock is not None:
             self.clock.to_ns(vals)
         return keys, vals
 
     def _merge_duplicates(
-        self, keys: np.ndarray, vals: np.ndarray, hashes: np.ndarray
+        self, keys: np.ndarray, vals: np.ndarray, words: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fold rows of one key into its first; remembers the slots folded in."""
-        values, counts = np.unique(hashes, return_counts=True)
+        values, counts = np.unique(words, return_counts=True)
         drop: list[int] = []
         for h in values[counts > 1]:
             by_key: dict[bytes, list[int]] = {}
-            for i in np.flatnonzero(hashes == h):
+            for i in np.flatnonzero(words == h):
                 by_key.setdefault(keys[i].tobytes(), []).append(int(i))
             for rows in by_key.values():
                 if len(rows) > 1:
@@ -155,25 +165,30 @@ class FlowTable:
     def _delete(self, slots: np.ndarray) -> np.ndarray:
         """Mark FULL slots DELETED; their stats (raw), counted up to the mark."""
         before = self._slots["stats"][slots]
-        self._state[slots] = SLOT_DELETED
+        self._ctl[slots] = self._ctl[slots] ^ (SLOT_FULL ^ SLOT_DELETED)  # the hash stays
         after = self._slots["stats"][slots]
         # A CPU may have claimed a slot again since the mark: its stats are then another
         # flow's, and the copy from before the mark stands.
-        reused = self._state[slots] != SLOT_DELETED
+        reused = (self._ctl[slots] & SLOT_STATE) != SLOT_DELETED
         after[reused] = before[reused]
         self._deletes[0] += len(slots)
         self._swept = self._swept and not len(slots)
         return after
 
+    def home_slot(self, h: int) -> int:
+        """The home slot of hash `h`, as flow.c's home_slot()."""
+        return ((h >> 32) * self._homes) >> 32
+
     def lookup(self, key: np.void) -> np.void | None:
         """Current stats of one flow (None if it is not in the table)."""
         kb = key.tobytes()
         h = flow_hash(kb)
-        home = (h * self._homes) >> 32
+        home = self.home_slot(h)
+        words = self._ctl[home : home + FLOW_PROBES]
         window = self._slots[home : home + FLOW_PROBES]
         found = [
             window["stats"][i]
-            for i in np.flatnonzero((window["state"] == SLOT_FULL) & (window["hash"] == h))
+            for i in np.flatnonzero(words == full_word(h))
             if window["key"][i].tobytes() == kb
         ]
         if not found:
@@ -185,34 +200,34 @@ class FlowTable:
 
     def occupancy(self) -> dict[str, int]:
         """Slots in all, and how many hold an entry or wait for a sweep."""
-        counts = np.bincount(self._state.astype(np.intp), minlength=SLOT_CLAIMED + 1)
+        counts = np.bincount((self._ctl & SLOT_STATE).astype(np.intp), minlength=SLOT_CLAIMED + 1)
         return {
-            "slots": len(self._state),
+            "slots": len(self._ctl),
             "full": int(counts[SLOT_FULL]),
             "deleted": int(counts[SLOT_DELETED]),
         }
 
     def sweep(self) -> int:
         """Have the kernel empty DELETED slots that end a probe sequence (see flow.c);
-        how many it emptied. Each run walks back at most FLOW_PROBES slots from an EMPTY
-        one, so a longer run of DELETED slots is finished by later sweeps."""
+        how many it emptied. The kernel walks back at most 16 slots from each EMPTY one,
+        so a longer run of DELETED slots is finished by later sweeps."""
         if self._swept:
             return 0
-        state = self._state
-        ends = np.flatnonzero((state[1:] == SLOT_EMPTY) & (state[:-1] == SLOT_DELETED)) + 1
+        state = self._ctl & SLOT_STATE
+        ends = np.flatnonzero((self._ctl[1:] == SLOT_EMPTY) & (state[:-1] == SLOT_DELETED)) + 1
         if state[-1] == SLOT_DELETED:  # the end of the array counts as EMPTY
             ends = np.append(ends, len(state))
         swept = 0
         for first in range(0, len(ends), SWEEP_MAX):
             indices = ends[first : first + SWEEP_MAX].astype("<u4").tobytes()
             swept += bpfsys.prog_test_run(self._sweep_fd, PROBE_FRAME + indices).retval
-        self._swept = not np.any(state == SLOT_DELETED)
+        self._swept = not np.any((self._ctl & SLOT_STATE) == SLOT_DELETED)
         return swept
 
     def close(self) -> None:
         """Unmap the table (the views go first: a mapping with live views cannot close)."""
         if self._maps:
-            del self._slots, self._state, self._deletes
+            del self._ctl, self._slots, self._deletes
             for mapping in self._maps:
                 mapping.close()
             self._maps = []
