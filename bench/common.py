@@ -59,13 +59,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def rss_mib(pid: int) -> float:
-    """Resident memory of the process tree's largest member, MiB."""
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of the process tree's largest member, MiB (`field` of
+    /proc/PID/status: RssAnon leaves out mapped files and BPF maps)."""
     best = 0
     for p in [pid, *descendants(pid)]:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     best = max(best, int(line.split()[1]))
     return best / 1024
 

@@ -14,8 +14,10 @@ namespace a emits one packet per new UDP flow (distinct source/destination ports
 Read through the capture's local API two polls after the last packet: flows the kernel
 created, flows adopted from events, events dropped, flows in the table and the last poll's
 duration. Also the capture's CPU (cores) over that time, its RSS growth per active flow
-(flows in the table), and the kernel table's memory per entry of its capacity (bpftool's
-bytes_memlock / flow_stats_capacity: the array holds two slots per entry, allocated at load).
+(flows in the table; anonymous memory only, as the flow table's pages the capture maps
+count as the kernel's), and the kernel table's memory per entry of its capacity (bpftool's
+bytes_memlock of the slots and control words / flow_stats_capacity: two slots per entry,
+allocated at load).
 
     sudo .venv/bin/python bench/flowrate.py [--rates 5000,20000,...] [--seconds S]
 """
@@ -35,6 +37,7 @@ from common import CLK_TCK, MERMIN, descendants, machine, netns, rss_mib, runnin
 from mermin_cli.engine.compiler import FLOW_PROBES, flow_slots
 
 CAPACITY = 524288
+ANON = "RssAnon"  # the process's own memory: not the mapped flow table
 API_PORT = 18090
 CONFIG = f"""
 span {{
@@ -80,8 +83,10 @@ print(flows / (time.perf_counter() - start))
 def table_bytes_per_entry(host: netns.Host) -> float:
     maps = json.loads(host.run("bpftool", "-j", "map", "show").stdout)
     slots = flow_slots(CAPACITY) + FLOW_PROBES
-    flows = [m for m in maps if m.get("name") == "flows" and m.get("max_entries") == slots]
-    return flows[-1]["bytes_memlock"] / CAPACITY if flows else float("nan")
+    table = {m["name"]: m["bytes_memlock"] for m in maps if m.get("max_entries") == slots}
+    if set(table) != {"flows", "flow_ctl"}:
+        return float("nan")
+    return sum(table.values()) / CAPACITY  # slots and control words
 
 
 def cpu_seconds(pid: int) -> float:
@@ -112,12 +117,12 @@ def one_rate(link: netns.Link, rate: int, seconds: float, tmp: Path) -> dict[str
         b, [MERMIN, "capture", "-i", b.ifname, "-o", "json", "-c", str(cfg)],
         ready="capturing on", stdout=fh,
     ) as proc:  # fmt: skip
-        rss0, cpu0, started = rss_mib(proc.pid), cpu_seconds(proc.pid), time.monotonic()
+        rss0, cpu0, started = rss_mib(proc.pid, ANON), cpu_seconds(proc.pid), time.monotonic()
         per_entry = table_bytes_per_entry(b)
         sent = a.run("python3", "-c", SENDER, a.ifname, b.mac, a.mac, a.ip4, b.ip4,
                      str(flows), str(rate), timeout=120).stdout  # fmt: skip
         time.sleep(2.5)  # two polls: every flow is in the tracker
-        rss1, cpu1, ended = rss_mib(proc.pid), cpu_seconds(proc.pid), time.monotonic()
+        rss1, cpu1, ended = rss_mib(proc.pid, ANON), cpu_seconds(proc.pid), time.monotonic()
         status = api_status(b)
         stop(proc, timeout=300)  # the exit flush writes every flow's record: give it time
         err = proc.stderr.read() if proc.stderr else ""

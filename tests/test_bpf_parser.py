@@ -52,7 +52,6 @@ from mermin_cli.engine.layout import (
     SLOT_DTYPE,
     SLOT_EMPTY,
     SLOT_FULL,
-    SLOT_STATE,
     STATS_DTYPE,
 )
 from mermin_cli.engine.program import FlowProgram
@@ -1503,7 +1502,7 @@ def home_of(k: Key) -> int:
 
 def full_slots(table: FlowTable) -> list[int]:
     """Indices of the table's FULL slots."""
-    return [int(i) for i in np.flatnonzero((table._ctl & SLOT_STATE) == SLOT_FULL)]
+    return [int(i) for i in np.flatnonzero(table.states() == SLOT_FULL)]
 
 
 def take_keys(kernel: Kernel, *keys: Key) -> list[np.void]:

@@ -19,6 +19,7 @@ import pytest
 from mermin_cli.config.schema import SpanConfig
 from mermin_cli.engine.layout import DIR_NONE, EVENT_DTYPE, KEY_DTYPE, STATS_DTYPE
 from mermin_cli.flows.direction import LocalHost
+from mermin_cli.flows.filters import FlowFilter
 from mermin_cli.flows.tracker import FlowTracker, first_of_event, first_of_stats
 
 try:
@@ -286,6 +287,7 @@ def test_event_and_entry_tell_the_same_first_packet(stats: np.void) -> None:
 def test_adopting_from_events_matches_the_table_and_closed_flows_stay_gone() -> None:
     table = FakeTable()  # no lookup(): adopting from an event must not need the table
     t = tracker(table, icmp_timeout=10)
+    t.flow_filter = FlowFilter(())  # what a capture without filters sets: no rules
     key = make_key(1, 9, 9)
     stats = make_stats((1, 1), 0, 1, first_dir=0, icmp=(0, 8))  # reply seen first
     table.put(key, stats)

@@ -97,6 +97,9 @@ class FlowTable:
             bpfsys.map_mmap(use_fd, 2 * USE_STRIDE * 8, writable=True),
         ]
         self._ctl = np.frombuffer(self._maps[0], "<u8", slots)
+        # The words' low bytes (little-endian), which hold the states: scanning them makes
+        # byte-sized temporaries, not word-sized ones (8 MiB for 2^20 slots).
+        self._low = self._ctl.view(np.uint8)[::8]
         self._slots = np.frombuffer(self._maps[1], SLOT_DTYPE, slots)
         self._deletes = np.frombuffer(self._maps[2], "<u8", 2 * USE_STRIDE)[USE_STRIDE:][:1]
         self._sweep_fd = sweep_fd
@@ -115,10 +118,9 @@ class FlowTable:
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Copy of every (key, stats) row in the table, one per key."""
-        full = np.flatnonzero((self._ctl & SLOT_STATE) == SLOT_FULL)
+        full = np.flatnonzero(self.states() == SLOT_FULL)
         words = self._ctl[full]  # the words stay FULL: only user space leaves FULL
-        rows = self._slots[full]
-        keys, vals = rows["key"].copy(), rows["stats"].copy()
+        keys, vals = self._slots["key"][full], self._slots["stats"][full]  # copies
         self._read_slots, self._read_extra = full, {}
         if len(np.unique(words)) < len(words):  # a key in two slots: one tag twice
             keys, vals = self._merge_duplicates(keys, vals, words)
@@ -196,11 +198,15 @@ class FlowTable:
         stats = np.array(found, dtype=STATS_DTYPE)
         if self.clock is not None:
             self.clock.to_ns(stats)
-        return merge(stats)
+        return stats[0] if len(stats) == 1 else merge(stats)
+
+    def states(self) -> np.ndarray:
+        """Every slot's state (SLOT_*), as bytes."""
+        return self._low & SLOT_STATE
 
     def occupancy(self) -> dict[str, int]:
         """Slots in all, and how many hold an entry or wait for a sweep."""
-        counts = np.bincount((self._ctl & SLOT_STATE).astype(np.intp), minlength=SLOT_CLAIMED + 1)
+        counts = np.bincount(self.states(), minlength=SLOT_CLAIMED + 1)
         return {
             "slots": len(self._ctl),
             "full": int(counts[SLOT_FULL]),
@@ -213,7 +219,7 @@ class FlowTable:
         so a longer run of DELETED slots is finished by later sweeps."""
         if self._swept:
             return 0
-        state = self._ctl & SLOT_STATE
+        state = self.states()
         ends = np.flatnonzero((self._ctl[1:] == SLOT_EMPTY) & (state[:-1] == SLOT_DELETED)) + 1
         if state[-1] == SLOT_DELETED:  # the end of the array counts as EMPTY
             ends = np.append(ends, len(state))
@@ -221,13 +227,13 @@ class FlowTable:
         for first in range(0, len(ends), SWEEP_MAX):
             indices = ends[first : first + SWEEP_MAX].astype("<u4").tobytes()
             swept += bpfsys.prog_test_run(self._sweep_fd, PROBE_FRAME + indices).retval
-        self._swept = not np.any((self._ctl & SLOT_STATE) == SLOT_DELETED)
+        self._swept = not np.any(self.states() == SLOT_DELETED)
         return swept
 
     def close(self) -> None:
         """Unmap the table (the views go first: a mapping with live views cannot close)."""
         if self._maps:
-            del self._ctl, self._slots, self._deletes
+            del self._ctl, self._low, self._slots, self._deletes
             for mapping in self._maps:
                 mapping.close()
             self._maps = []

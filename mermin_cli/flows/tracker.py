@@ -208,7 +208,7 @@ class FlowTracker:
         key = event["key"]
         kb = key.tobytes()
         stats = None
-        if self.flow_filter is not None:
+        if self.flow_filter:  # an empty FlowFilter (no rules) is false
             stats = self.table.lookup(key)
             if stats is None:
                 return "gone"
