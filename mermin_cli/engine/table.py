@@ -41,6 +41,7 @@ from mermin_cli.engine.layout import (
 USE_STRIDE = 8  # struct table_use: one u64 and seven of padding (a cache line)
 SWEEP_MAX = 16  # slot indices per run of mermin_table_sweep
 _MASK = (1 << 64) - 1
+_KEY_AT, _STATS_AT = SLOT_DTYPE.fields["key"][1], SLOT_DTYPE.fields["stats"][1]
 
 
 def flow_hash(key: bytes) -> int:
@@ -101,6 +102,7 @@ class FlowTable:
         # byte-sized temporaries, not word-sized ones (8 MiB for 2^20 slots).
         self._low = self._ctl.view(np.uint8)[::8]
         self._slots = np.frombuffer(self._maps[1], SLOT_DTYPE, slots)
+        self._bytes = self._slots.view(np.uint8).reshape(slots, SLOT_DTYPE.itemsize)
         self._deletes = np.frombuffer(self._maps[2], "<u8", 2 * USE_STRIDE)[USE_STRIDE:][:1]
         self._sweep_fd = sweep_fd
         self._swept = True  # no DELETED slot waits for a sweep
@@ -120,13 +122,22 @@ class FlowTable:
         """Copy of every (key, stats) row in the table, one per key."""
         full = np.flatnonzero(self.states() == SLOT_FULL)
         words = self._ctl[full]  # the words stay FULL: only user space leaves FULL
-        keys, vals = self._slots["key"][full], self._slots["stats"][full]  # copies
+        keys, vals = self._gather(full)
         self._read_slots, self._read_extra = full, {}
         if len(np.unique(words)) < len(words):  # a key in two slots: one tag twice
             keys, vals = self._merge_duplicates(keys, vals, words)
         if self.clock is not None:
             self.clock.to_ns(vals)
         return keys, vals
+
+    def _gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the keys and stats of these slots. np.take of whole rows as bytes, then
+        the two fields: 66 ms for 400,000 slots of 2^20, where fancy indexing the fields of
+        the structured array took 246 ms."""
+        rows = np.take(self._bytes, slots, axis=0)
+        keys = np.ascontiguousarray(rows[:, _KEY_AT : _KEY_AT + KEY_DTYPE.itemsize])
+        vals = np.ascontiguousarray(rows[:, _STATS_AT : _STATS_AT + STATS_DTYPE.itemsize])
+        return keys.view(KEY_DTYPE).ravel(), vals.view(STATS_DTYPE).ravel()
 
     def _merge_duplicates(
         self, keys: np.ndarray, vals: np.ndarray, words: np.ndarray
@@ -233,7 +244,7 @@ class FlowTable:
     def close(self) -> None:
         """Unmap the table (the views go first: a mapping with live views cannot close)."""
         if self._maps:
-            del self._ctl, self._low, self._slots, self._deletes
+            del self._ctl, self._low, self._slots, self._bytes, self._deletes
             for mapping in self._maps:
                 mapping.close()
             self._maps = []
