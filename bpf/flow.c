@@ -646,37 +646,13 @@ static __always_inline struct flow_slot *slot_of(__u32 idx, const struct flow_ke
  * flow. Not unrolled: clang took 0.5 s longer to compile the unrolled copies.
  */
 
-/* The key's slot (its index in `*at`), or NULL. */
-static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u64 h,
-                                                   __u32 *at)
+/* The first slot of the key's probe sequence whose word is the key's FULL word, or with
+ * `claim` (a constant) the first free (EMPTY or DELETED) one before it, claimed with a
+ * compare-and-swap (`*created` 1; a claim lost to another CPU goes on to the next slot).
+ * NO_SLOT if there is neither. */
+static __always_inline __u32 flow_probe(__u64 h, const int claim, int *created)
 {
-    __u32 home = home_slot(h), found = NO_SLOT;
-    __u64 want = full_word(h);
-#pragma clang loop unroll(disable)
-    for (__u32 i = 0; i < FLOW_PROBES; i++) {
-        __u32 idx = home + i;
-        __u64 *ctl = flow_ctl.lookup(&idx);
-        if (!ctl || *ctl == SLOT_EMPTY)
-            break; /* no probe sequence goes on past an EMPTY slot */
-        if (*ctl == want) {
-            found = idx;
-            break;
-        }
-    }
-    if (found == NO_SLOT)
-        return NULL;
-    *at = found;
-    return slot_of(found, k);
-}
-
-/* The slot for a new entry: the key's, if another CPU has just created it (`*created`
- * 0), else the first free (EMPTY or DELETED) slot, claimed with its key written
- * (`*created` 1: the caller fills the stats, then publishes it); NULL if there is none.
- * A claim lost to another CPU goes on to the next slot. `*at`: the slot's index. */
-static __always_inline struct flow_slot *flow_claim(const struct flow_key *k, __u64 h,
-                                                    __u32 *at, int *created)
-{
-    __u32 home = home_slot(h), found = NO_SLOT;
+    __u32 home = home_slot(h);
     __u64 want = full_word(h);
     *created = 0;
 #pragma clang loop unroll(disable)
@@ -686,23 +662,47 @@ static __always_inline struct flow_slot *flow_claim(const struct flow_key *k, __
         if (!ctl)
             break;
         __u64 word = *ctl;
-        if (word == want) {
-            found = idx; /* created meanwhile by another CPU */
-            break;
+        if (word == want)
+            return idx;
+        if (!claim) {
+            if (word == SLOT_EMPTY)
+                break; /* no probe sequence goes on past an EMPTY slot */
+            continue;
         }
         if (!(word & SLOT_BUSY) &&
             __sync_val_compare_and_swap(ctl, word, want | SLOT_CLAIMED) == word) {
-            found = idx;
             *created = 1;
-            break;
+            return idx;
         }
     }
-    if (found == NO_SLOT)
+    return NO_SLOT;
+}
+
+/* The key's slot (its index in `*at`), or NULL. */
+static __always_inline struct flow_slot *flow_find(const struct flow_key *k, __u64 h,
+                                                   __u32 *at)
+{
+    int created;
+    __u32 idx = flow_probe(h, 0, &created);
+    if (idx == NO_SLOT)
         return NULL;
-    *at = found;
+    *at = idx;
+    return slot_of(idx, k);
+}
+
+/* The slot for a new entry: the key's, if another CPU has just created it (`*created`
+ * 0), else a free one, claimed, with the key written (`*created` 1: the caller fills the
+ * stats, then publishes it); NULL if there is none. `*at`: the slot's index. */
+static __always_inline struct flow_slot *flow_claim(const struct flow_key *k, __u64 h,
+                                                    __u32 *at, int *created)
+{
+    __u32 idx = flow_probe(h, 1, created);
+    if (idx == NO_SLOT)
+        return NULL;
+    *at = idx;
     if (!*created)
-        return slot_of(found, k);
-    struct flow_slot *s = flows.lookup(&found);
+        return slot_of(idx, k);
+    struct flow_slot *s = flows.lookup(&idx);
     if (s)
         __builtin_memcpy(&s->key, k, sizeof(*k));
     return s; /* NULL cannot happen: both arrays have the same size */

@@ -1,18 +1,18 @@
 """Read the kernel flow table through mmap and remove expired entries.
 
 The table is the open-addressing table of bpf/flow.c (see its comment there): a control
-word per slot (hash << 32 | state) in `flow_ctl`, the keys and stats in `flows`. `read()`
-finds the FULL words and copies their slots with numpy, with no system call. A delete
-marks the word DELETED (only user space ever leaves FULL, so a plain store is safe) and
-adds one to the deletes the kernel subtracts from its claims to know how full the table
-is. Lookups in the kernel
-stop at an EMPTY slot and pass DELETED ones, so when a poll has deleted entries, `sweep()`
-has the kernel turn DELETED slots before EMPTY ones back into EMPTY.
+word per slot in `flow_ctl` (a 62-bit tag of the key's hash, a 2-bit state), the keys and
+stats in `flows`. `read()` finds the FULL words and copies their slots with numpy, with no
+system call. A delete marks the word DELETED (only user space ever leaves FULL, so a
+plain store is safe) and adds one to the deletes the kernel subtracts from its claims to
+know how full the table is. Lookups in the kernel stop at an EMPTY slot and pass DELETED
+ones, so after a poll has deleted entries, `sweep()` has the kernel turn DELETED slots
+before EMPTY ones back into EMPTY.
 
 A key is, in rare races, in two slots; every read merges such duplicates (counts added,
-first-packet fields of the earliest), and a delete takes them all.
-Live, a poll reads and deletes inside `settled()`, which first drains the per-CPU flow
-cache into the table (engine/cache.py).
+first-packet fields of the earliest), and a delete takes them all. Live, a poll reads and
+deletes inside `settled()`, which first drains the per-CPU flow cache into the table
+(engine/cache.py).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def merge(stats: np.ndarray) -> np.void:
 
 
 class FlowTable:
-    """Reader of the `flows` table of a loaded flow program."""
+    """The flow table of a loaded flow program, through mmap."""
 
     def __init__(
         self,
@@ -145,9 +145,9 @@ class FlowTable:
         """Fold rows of one key into its first; remembers the slots folded in."""
         values, counts = np.unique(words, return_counts=True)
         drop: list[int] = []
-        for h in values[counts > 1]:
+        for word in values[counts > 1]:
             by_key: dict[bytes, list[int]] = {}
-            for i in np.flatnonzero(words == h):
+            for i in np.flatnonzero(words == word):
                 by_key.setdefault(keys[i].tobytes(), []).append(int(i))
             for rows in by_key.values():
                 if len(rows) > 1:
