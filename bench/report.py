@@ -153,13 +153,14 @@ def flowrate(lines: list[str]) -> None:
         "dropped. Every event delivered: moreover no new-flow event was dropped (kernel "
         "ring buffer or worker queues); a dropped event only delays a flow's adoption by "
         "user space to its first record (its counts are in the kernel table all along). "
-        "Read from the capture's API two polls after the last packet; RSS per active flow "
-        "(flows in the kernel table), one poll of all of them. "
+        "Read from the capture's API two polls after the last packet; anonymous RSS per "
+        "active flow (flows in the kernel table; the mapped table is the kernel's memory, "
+        "in the last column: slots and control words), one poll of all of them. "
         "Command: `sudo .venv/bin/python bench/flowrate.py`.",
         "",
         "| offered flows/s | sender reached | records | every flow reported "
         "| events dropped | every event delivered | capture CPU (cores) "
-        "| RSS per active flow | one poll | kernel table per entry of capacity |",
+        "| anonymous RSS per active flow | one poll | kernel table per entry of capacity |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     yes = {True: "yes", False: "**no**"}

@@ -330,7 +330,7 @@ struct pkt {
  * every constant a parse path leaves on the stack, so the paths stayed apart through the
  * flow table's probe loops and each walked them (149,000 instructions verified for the
  * Ethernet entry point: start-up 2.3 s instead of 1.8 s); values in a map are unknown to
- * it, so the paths merge (26,000). It costs the hit path about 3 %. A TC program runs
+ * it, so the paths merge (34,000). It costs the hit path 1.5-4 %. A TC program runs
  * with bottom halves off (softirq, or rcu_read_lock_bh() around egress; on PREEMPT_RT a
  * per-CPU lock): one CPU never runs two at once, so one value per CPU is enough. */
 BPF_PERCPU_ARRAY(pkt_scratch, struct pkt, 1);
