@@ -55,6 +55,7 @@ import numpy as np
 from mermin_cli.config.schema import FlowCaptureConfig
 from mermin_cli.engine import bpfsys
 from mermin_cli.engine.compiler import (
+    FLOW_PROBES,
     NO_DEBUG_INFO,
     bpf_source,
     event_cpus,
@@ -169,6 +170,7 @@ class BenchModule:
             NO_DEBUG_INFO,
             f"-DMAX_FLOWS={capacity}",
             f"-DFLOW_SLOTS={flow_slots(capacity)}",
+            f"-DFLOW_PROBES={FLOW_PROBES}",
             f"-DEVENT_SLOTS={slots}",
             f"-DEVENT_CPUS={event_cpus()}",
             "-DEVENT_PAGES=64",  # variants from before the per-CPU rings (a BPF ring buffer)

@@ -2,11 +2,11 @@
 /*
  * mermin flow aggregation program (TC / SCHED_CLS, compiled at run time by BCC).
  *
- * One bidirectional entry per flow in the `flows` table (open addressing in an mmapable
- * array, see flow_find()); per direction it keeps packets, IP-layer bytes, the OR of TCP
- * flags and first-packet IP metadata. User space only reads the table (through mmap) and
- * deletes expired entries; it never writes into a live entry, so concurrent increments
- * are never lost.
+ * One bidirectional entry per flow in the flow table (open addressing over the mmapable
+ * arrays `flow_ctl` and `flows`, see "The flow table" below); per direction it keeps
+ * packets, IP-layer bytes, the OR of TCP flags and first-packet IP metadata. User space
+ * only reads the table (through mmap) and deletes expired entries; it never writes into a
+ * live entry, so concurrent increments are never lost.
  *
  * The program is strictly pass-through: every path returns TC_ACT_UNSPEC (== TCX_NEXT),
  * which lets the next program in the chain decide. It never drops, redirects or writes
@@ -14,7 +14,8 @@
  *
  * Compile-time parameters (set by the loader with -D):
  *   MAX_FLOWS        capacity of the flow table (entries)
- *   FLOW_SLOTS       its slots (compiler.flow_slots: twice MAX_FLOWS)
+ *   FLOW_SLOTS       its home slots (compiler.flow_slots: twice MAX_FLOWS)
+ *   FLOW_PROBES      slots a key may lie in from its home slot (compiler.FLOW_PROBES)
  *   OFFLINE_CLOCK    pcap input: times come from the `offline` map (see mermin_pcap)
  *   EVENT_SLOTS      new-flow events each CPU's ring holds (a power of two)
  *   EVENT_CPUS       possible CPUs (the highest CPU number + 1)

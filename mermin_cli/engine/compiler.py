@@ -111,6 +111,7 @@ def compile_flow_c(max_flows: int, event_capacity: int, offline: bool) -> Compil
         NO_DEBUG_INFO,
         f"-DMAX_FLOWS={max_flows}",
         f"-DFLOW_SLOTS={flow_slots(max_flows)}",
+        f"-DFLOW_PROBES={FLOW_PROBES}",
         f"-DEVENT_SLOTS={event_slots(event_capacity)}",
         f"-DEVENT_CPUS={event_cpus()}",
     ]
