@@ -60,7 +60,7 @@
 
 /* first_ns/last_ns are in ticks of table_time(): jiffies in live capture. Reading
  * jiffies is one load, where even the coarse monotonic clock costs a seqcount loop and
- * two calls: the clock was the largest cost of the hit path after the hash lookup.
+ * two calls: the clock was the largest cost of the hit path after the table lookup.
  * Jiffy resolution (1-10 ms) is plenty for seconds-scale timeouts. User space converts
  * ticks to CLOCK_MONOTONIC ns with the tick length and one edge it observes through
  * mermin_clock() (mermin_cli/engine/clock.py). The handshake times feed an RTT and use
@@ -929,11 +929,11 @@ static __always_inline int rejected(struct pkt *p, __u8 dir, __u32 active)
 
 #ifndef OFFLINE_CLOCK
 /*
- * Per-CPU flow cache in front of `flows` (live capture only). On this kind of machine
- * most of a packet's cost is the hash lookup (the call and return through the
- * speculation-safe thunks, and the key's hash), so a packet of a flow that is already
- * counted adds to a small direct-mapped slot of its own CPU instead: no call, no hash,
- * no atomics. Only plain packets take it; SYN, FIN and RST and the first packet of each
+ * Per-CPU flow cache in front of the flow table (live capture only). Most of a packet's
+ * cost is the table lookup (it was the hash map's call and return through the
+ * speculation-safe thunks and the key's hash; now the hash and two or three cold lines),
+ * so a packet of a flow that is already counted adds to a small direct-mapped slot of its
+ * own CPU instead: no hash, no atomics. Only plain packets take it; SYN, FIN and RST and the first packet of each
  * direction still go to the table, so flags that end a flow, handshake times and
  * first-packet metadata stay exact.
  *

@@ -1,7 +1,7 @@
 """User space's half of the per-CPU flow cache in bpf/flow.c.
 
-Packets of known flows are counted in a small slot of their CPU's cache instead of the
-`flows` entry, which saves the hash lookup that dominates a packet's cost. The entries
+Packets of known flows are counted in a small slot of their CPU's cache instead of their
+table entry, which saves the table lookup that dominates a packet's cost. The entries
 are exact again only after every CPU's slots are drained into them, so each poll runs
 inside `settled()`:
 
