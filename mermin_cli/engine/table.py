@@ -167,10 +167,10 @@ class FlowTable:
         in order (call inside the same settled() block)."""
         rows = np.asarray(rows, dtype=np.int64)
         final = self._delete(self._read_slots[rows])
-        for n, row in enumerate(rows):
-            extra = self._read_extra.get(int(row))
-            if extra is not None:
-                final[n] = merge(np.concatenate([final[n : n + 1], self._delete(extra)]))
+        merged = np.flatnonzero(np.isin(rows, list(self._read_extra))) if self._read_extra else ()
+        for n in merged:  # twins only (rare): no Python step per expired flow
+            extra = self._delete(self._read_extra[int(rows[n])])
+            final[n] = merge(np.concatenate([final[n : n + 1], extra]))
         if self.clock is not None:
             self.clock.to_ns(final)
         return final
